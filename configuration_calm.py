@@ -1,0 +1,241 @@
+"""Configurations of CALM (Continuous Autoregressive Language Models) and of its autoencoder.
+
+One `config.json` describes the whole model: `CALMConfig` holds the Llama backbone fields, the energy
+head fields and the autoencoder's config nested under `autoencoder_config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# The Llama 3 vocabulary plus the `[PAD]` token the released models add.
+LLAMA3_VOCAB_SIZE = 128257
+LLAMA3_BOS, LLAMA3_EOS, LLAMA3_PAD = 128000, 128001, 128256
+
+
+def _check_positive(config: PretrainedConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive integer, got {value!r}.")
+
+
+class CALMAutoencoderConfig(PretrainedConfig):
+    """The autoencoder that maps `patch_size` tokens to one `latent_size` vector and back (spec section 2)."""
+
+    model_type = "calm_autoencoder"
+
+    def __init__(
+        self,
+        vocab_size: int = LLAMA3_VOCAB_SIZE,
+        hidden_size: int = 512,
+        intermediate_size: int = 1280,
+        num_encoder_layers: int = 2,
+        num_decoder_layers: int = 2,
+        latent_size: int = 128,
+        patch_size: int = 4,
+        hidden_act: str = "silu",
+        rms_norm_eps: float = 1e-6,
+        ae_dropout: float = 0.15,
+        kl_weight: float = 1e-3,
+        kl_clamp: float = 0.5,
+        initializer_range: float = 0.02,
+        max_position_embeddings: int = 2048,
+        pad_token_id: int | None = LLAMA3_PAD,
+        bos_token_id: int | None = LLAMA3_BOS,
+        eos_token_id: int | list[int] | None = LLAMA3_EOS,
+        tie_word_embeddings: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_encoder_layers = num_encoder_layers
+        self.num_decoder_layers = num_decoder_layers
+        self.latent_size = latent_size
+        self.patch_size = patch_size
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.ae_dropout = ae_dropout
+        self.kl_weight = kl_weight
+        self.kl_clamp = kl_clamp
+        self.initializer_range = initializer_range
+        self.max_position_embeddings = max_position_embeddings
+        # `mlp_bias` is read by the SwiGLU MLP; the autoencoder never has MLP biases.
+        kwargs.pop("mlp_bias", None)
+        self.mlp_bias = False
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        _check_positive(self, ("vocab_size", "hidden_size", "intermediate_size", "latent_size", "patch_size"))
+        for name in ("num_encoder_layers", "num_decoder_layers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"CALMAutoencoderConfig.{name} must be a non-negative integer.")
+        if not 0.0 <= ae_dropout < 1.0:
+            raise ValueError(f"CALMAutoencoderConfig.ae_dropout must be in [0, 1), got {ae_dropout}.")
+
+
+class CALMConfig(PretrainedConfig):
+    """CALM: a Llama backbone over chunks of `patch_size` tokens, an energy head and a frozen autoencoder.
+
+    The defaults are CALM-M (spec section 1). The Llama fields have transformers' `LlamaConfig` meaning and
+    are read by `LlamaModel` directly. `max_position_embeddings` counts chunks, not tokens.
+    """
+
+    model_type = "calm"
+    sub_configs = {"autoencoder_config": CALMAutoencoderConfig}
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = LLAMA3_VOCAB_SIZE,
+        hidden_size: int = 1024,
+        intermediate_size: int = 2752,
+        num_hidden_layers: int = 16,
+        num_attention_heads: int = 16,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        mlp_bias: bool = False,
+        patch_size: int = 4,
+        latent_size: int = 128,
+        noise_size: int = 64,
+        num_mlp_layers: int = 4,
+        num_samples: int = 8,
+        num_target_samples: int = 100,
+        beta: float = 1.0,
+        head_type: str = "energy",
+        autoencoder_config: dict | CALMAutoencoderConfig | None = None,
+        pad_token_id: int | None = LLAMA3_PAD,
+        bos_token_id: int | None = LLAMA3_BOS,
+        eos_token_id: int | list[int] | None = LLAMA3_EOS,
+        tie_word_embeddings: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.mlp_bias = mlp_bias
+        self.pretraining_tp = 1
+        self.patch_size = patch_size
+        self.latent_size = latent_size
+        self.noise_size = noise_size
+        self.num_mlp_layers = num_mlp_layers
+        self.num_samples = num_samples
+        self.num_target_samples = num_target_samples
+        self.beta = beta
+        self.head_type = head_type
+
+        # RoPE is written both ways: transformers 4.57 reads `rope_theta` / `rope_scaling`, 5.x reads
+        # `rope_parameters`. A saved 5.x config may carry only `rope_parameters`.
+        rope_parameters = kwargs.pop("rope_parameters", None)
+        if rope_parameters is not None and "rope_theta" in rope_parameters:
+            rope_theta = rope_parameters["rope_theta"]
+        if rope_scaling is None and rope_parameters is not None and rope_parameters.get("rope_type", "default") != "default":
+            rope_scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+        self.rope_theta = float(rope_theta)
+        if rope_scaling is not None:  # 5.x warns on this legacy field; only 4.57 needs it, and only when set
+            self.rope_scaling = rope_scaling
+        self.rope_parameters = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": self.rope_theta}
+        if "type" in self.rope_parameters:  # legacy spelling of rope_type
+            self.rope_parameters["rope_type"] = self.rope_parameters.pop("type")
+
+        if autoencoder_config is None:
+            autoencoder_config = CALMAutoencoderConfig(
+                vocab_size=vocab_size,
+                patch_size=patch_size,
+                latent_size=latent_size,
+                pad_token_id=pad_token_id,
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
+            )
+        elif isinstance(autoencoder_config, dict):
+            autoencoder_config = CALMAutoencoderConfig(**autoencoder_config)
+        self.autoencoder_config = autoencoder_config
+
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_positive(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "patch_size",
+                "latent_size",
+                "noise_size",
+                "num_mlp_layers",
+                "num_samples",
+                "num_target_samples",
+            ),
+        )
+        if self.head_dim * self.num_attention_heads != self.hidden_size and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}); change one of them or set head_dim."
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
+                f"({self.num_key_value_heads})."
+            )
+        if self.num_samples < 2:
+            raise ValueError("num_samples (energy-loss head samples N) must be at least 2: the score compares pairs.")
+        if not 0.0 < self.beta < 2.0:
+            raise ValueError(f"beta must be in (0, 2) for the energy score to be strictly proper, got {self.beta}.")
+        if self.head_type != "energy":
+            raise NotImplementedError(
+                f"head_type {self.head_type!r} is not supported yet; only the energy head ('energy') is implemented."
+            )
+        ae = self.autoencoder_config
+        for name in ("patch_size", "latent_size", "vocab_size"):
+            if getattr(ae, name) != getattr(self, name):
+                raise ValueError(
+                    f"The autoencoder's {name} ({getattr(ae, name)}) differs from the language model's "
+                    f"({getattr(self, name)}); they must agree. Fix autoencoder_config.{name} or CALMConfig.{name}."
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        if not isinstance(output.get("autoencoder_config"), dict):
+            output["autoencoder_config"] = self.autoencoder_config.to_dict()
+        # Always write the RoPE base both ways (4.57 and 5.x read different fields).
+        output["rope_theta"] = self.rope_theta
+        output["rope_parameters"] = dict(self.rope_parameters)
+        return output

@@ -1,0 +1,285 @@
+"""Generation for CALM: K tokens per step, through transformers' `generate` interface (spec section 4).
+
+Per step: the backbone reads the last chunk (one position, KV cache), the energy head draws latent vectors,
+the autoencoder decodes them to K tokens, and `temperature_sampling` picks one chunk per row.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, GenerationMixin
+from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+# CALM's own generation settings, written to generation_config.json (the authors' defaults: T = 0.5, N = 200).
+CALM_GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.5, "num_samples": 200, "prompt_alignment": "left"}
+PROMPT_ALIGNMENTS = ("left", "reference")
+# Settings of transformers' generate that would change what is returned but that CALM's sampler cannot honour.
+# (Token-logit settings such as top_k or top_p have no meaning without token logits and are ignored.)
+_UNSUPPORTED = ("num_beams", "num_return_sequences")
+_IGNORED_MODEL_KWARGS = ("use_cache", "output_attentions", "output_hidden_states", "return_dict", "token_type_ids")
+
+NoiseSampler = Callable[[tuple, torch.device, torch.dtype], torch.Tensor]
+
+
+def temperature_sampling(
+    candidates: torch.Tensor,
+    temperature: float,
+    do_sample: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one chunk per row from a pool of sampled chunks so that chunk x is drawn with probability ~ P(x)^(1/T).
+
+    candidates: [B, N, K] token ids, N independent draws from the model per row. Returns indices [B] into N.
+
+    With r = 1/T and c(x) the number of copies of x in the pool, unique chunks are weighted by the (generalised)
+    binomial coefficient C(c, r') for the largest r' = r - j (j = 0, 1, ...) that some chunk reaches (c >= r').
+    For T = 1/n this is exactly the authors' batch algorithm (m = n, n-1, ..., 1; E[C(c, n)] is proportional to
+    p^n); for other T, C(c, r) ~ (N p)^r / r! keeps it consistent as N grows. `do_sample=False` returns the most
+    frequent chunk (ties: the first seen).
+    """
+    if not 0.0 < temperature <= 1.0:
+        raise ValueError(f"temperature must be in (0, 1] for CALM, got {temperature}.")
+    batch_size, num_candidates, _ = candidates.shape
+    same = (candidates.unsqueeze(2) == candidates.unsqueeze(1)).all(-1)  # [B, N, N]
+    counts = same.sum(-1)  # [B, N]: copies of each candidate's chunk in the pool
+    if not do_sample:
+        return counts.argmax(-1)  # argmax returns the first maximum: the first-seen of the most frequent chunks
+    arange = torch.arange(num_candidates, device=candidates.device)
+    first_seen = same.float().argmax(-1) == arange  # [B, N]: one representative per unique chunk
+
+    r = 1.0 / temperature
+    if abs(r - round(r)) < 1e-6:
+        r = float(round(r))
+    counts64 = counts.to(torch.float64)
+    # Largest exponent r - j (j >= 0 integer) that at least one chunk's count reaches.
+    max_count = counts64.max(-1, keepdim=True).values  # [B, 1]
+    exponent = r - torch.clamp(torch.ceil(r - max_count - 1e-9), min=0)  # [B, 1]
+    log_weight = torch.lgamma(counts64 + 1) - torch.lgamma(counts64 - exponent + 1) - torch.lgamma(exponent + 1)
+    eligible = first_seen & (counts64 >= exponent - 1e-9)
+    log_weight = log_weight.masked_fill(~eligible, float("-inf"))
+    probs = torch.softmax(log_weight, dim=-1).to(torch.float32)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def align_prompts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_size: int, pad_token_id: int, alignment: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay prompts out in whole chunks. Returns (ids [B, P*K], token mask [B, P*K]).
+
+    "left": each row's real tokens (left- or right-padded on input) are moved to the end and the front is padded,
+    so every prompt ends on a chunk boundary and the first generated chunk directly continues it; padding is
+    masked (embedded as zeros, and fully padded chunks are not attended). "reference": the authors' layout,
+    the prompt right-padded with [PAD] tokens that the model conditions on (prompts must have equal lengths).
+    """
+    batch_size, length = input_ids.shape
+    mask = attention_mask.bool()
+    lengths = mask.sum(-1)
+    if alignment == "reference":
+        if not bool((lengths == length).all()):
+            raise ValueError(
+                "prompt_alignment='reference' reproduces the authors' unbatched loop and needs unpadded prompts of "
+                "equal length; use prompt_alignment='left' for padded batches."
+            )
+        pad = -length % patch_size
+        ids = F.pad(input_ids, (0, pad), value=pad_token_id)
+        return ids, torch.ones_like(ids)
+    if alignment != "left":
+        raise ValueError(f"prompt_alignment must be one of {PROMPT_ALIGNMENTS}, got {alignment!r}.")
+    # Stable sort puts padding first and keeps the real tokens in order: the prompt becomes left-padded.
+    order = torch.sort(mask.to(torch.int8), dim=-1, stable=True).indices
+    ids = torch.gather(input_ids, 1, order).masked_fill(~torch.gather(mask, 1, order), pad_token_id)
+    total = max(patch_size, -(-int(lengths.max()) // patch_size) * patch_size)
+    ids = ids[:, max(0, length - total) :]
+    ids = F.pad(ids, (total - ids.shape[1], 0), value=pad_token_id)
+    positions = torch.arange(total, device=ids.device)
+    token_mask = (positions >= total - lengths[:, None]).long()
+    return ids, token_mask
+
+
+class CALMGenerationMixin(GenerationMixin):
+    """`generate` for CALM: one backbone step per chunk of K tokens, no Python loop over rows or candidates."""
+
+    def _calm_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict):
+        calm_settings = {key: kwargs.pop(key) for key in ("num_samples", "prompt_alignment") if key in kwargs}
+        generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        for key, value in CALM_GENERATION_DEFAULTS.items():
+            if key in ("num_samples", "prompt_alignment"):
+                calm_settings.setdefault(key, getattr(generation_config, key, None) or value)
+        for key, value in calm_settings.items():
+            setattr(generation_config, key, value)
+        for key in _UNSUPPORTED:
+            if (getattr(generation_config, key, None) or 1) != 1:
+                raise ValueError(f"CALM generation does not support {key}={getattr(generation_config, key)!r}; use 1.")
+        temperature = 1.0 if generation_config.temperature is None else float(generation_config.temperature)
+        if not 0.0 < temperature <= 1.0:
+            raise ValueError(
+                f"temperature must be in (0, 1] for CALM (got {temperature}): values below 1 sharpen the chunk "
+                "distribution; CALM has no way to flatten it. Use e.g. temperature=0.5."
+            )
+        if not isinstance(generation_config.num_samples, int) or generation_config.num_samples < 1:
+            raise ValueError(
+                f"num_samples (the candidate pool per step) must be a positive integer, got {generation_config.num_samples!r}."
+            )
+        return generation_config, model_kwargs
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: object | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        prefix_allowed_tokens_fn: object | None = None,
+        synced_gpus: bool | None = None,
+        assistant_model: object | None = None,
+        streamer: object | None = None,
+        negative_prompt_ids: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        noise_sampler: NoiseSampler | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | GenerateDecoderOnlyOutput:
+        """Generate text K tokens per step. Returns prompt + new tokens, [B, prompt_len + new_len].
+
+        Takes the usual arguments (`input_ids`/`inputs`, `attention_mask`, `generation_config`, `max_new_tokens`,
+        `max_length`, `min_new_tokens`, `eos_token_id`, `stopping_criteria`, `max_time`, `streamer`,
+        `return_dict_in_generate`) and CALM's own: `temperature` in (0, 1], `num_samples` (candidate pool for
+        T < 1 or do_sample=False), `prompt_alignment` ("left" or "reference"). `generator` seeds the draws;
+        `noise_sampler(shape, device, dtype)` replaces the head's uniform noise in [-0.5, 0.5) (for replaying draws).
+        """
+        for name, value in (
+            ("logits_processor", logits_processor),
+            ("prefix_allowed_tokens_fn", prefix_allowed_tokens_fn),
+            ("assistant_model", assistant_model),
+            ("negative_prompt_ids", negative_prompt_ids),
+        ):
+            if value:
+                raise ValueError(f"CALM generation does not support {name}: CALM has no token logits to process.")
+        input_ids = kwargs.pop("input_ids", inputs)
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (or inputs): a [batch_size, length] tensor of prompt ids.")
+        attention_mask = kwargs.pop("attention_mask", None)
+        generation_config, model_kwargs = self._calm_generation_config(generation_config, kwargs)
+        unknown = set(model_kwargs) - set(_IGNORED_MODEL_KWARGS)
+        if unknown:
+            raise ValueError(f"generate() got arguments CALM does not use: {sorted(unknown)}.")
+
+        from .modeling_calm import check_input_ids  # avoid a circular import at module load
+
+        check_input_ids(input_ids, self.config.vocab_size)
+        batch_size, prompt_len = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}."
+            )
+        if bool((attention_mask.sum(-1) == 0).any()):
+            raise ValueError("every prompt needs at least one token: a row of attention_mask is all zeros.")
+
+        k = self.config.patch_size
+        pad_token_id = generation_config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        eos = generation_config.eos_token_id
+        eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=device)
+        if generation_config.max_new_tokens is not None:
+            max_new_tokens = generation_config.max_new_tokens
+        else:
+            max_new_tokens = generation_config.max_length - prompt_len
+            if max_new_tokens <= 0:
+                raise ValueError(
+                    f"the prompt ({prompt_len} tokens) is already max_length={generation_config.max_length} tokens "
+                    "long; set max_new_tokens instead, or a larger max_length."
+                )
+        min_new_tokens = generation_config.min_new_tokens or 0
+        temperature = 1.0 if generation_config.temperature is None else float(generation_config.temperature)
+        do_sample = bool(generation_config.do_sample)
+        pool_size = 1 if (do_sample and temperature == 1.0) else generation_config.num_samples
+
+        ids, token_mask = align_prompts(input_ids, attention_mask, k, pad_token_id, generation_config.prompt_alignment)
+        num_chunks = ids.shape[1] // k + -(-max_new_tokens // k)
+        if num_chunks > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt + max_new_tokens need {num_chunks} chunks of {k} tokens, more than the model's "
+                f"max_position_embeddings={self.config.max_position_embeddings} chunks; shorten the prompt or "
+                "max_new_tokens."
+            )
+
+        criteria = StoppingCriteriaList(stopping_criteria or [])
+        if generation_config.max_time is not None:
+            criteria.append(MaxTimeCriteria(generation_config.max_time))
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        chunk_mask = token_mask.reshape(batch_size, -1, k).any(-1).long()  # [B, P]
+        position_ids = (chunk_mask.cumsum(-1) - 1).clamp(min=0)
+        chunk_embeds = self.embed_chunks(ids, token_mask)
+        cache = None
+        new_tokens = input_ids.new_zeros(batch_size, 0)
+        unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        while new_tokens.shape[1] < max_new_tokens:
+            hidden, cache, _ = self.backbone(chunk_embeds, chunk_mask, position_ids, cache, use_cache=True)
+            chunk = self._next_chunk(hidden[:, -1], pool_size, temperature, do_sample, generator, noise_sampler)
+            chunk = chunk[:, : max_new_tokens - new_tokens.shape[1]]  # [B, <=K]
+
+            # Rows that stopped produce padding; a row stops at its first EOS, even inside a chunk.
+            chunk = chunk.masked_fill(~unfinished[:, None], pad_token_id)
+            if eos_ids.numel():
+                is_eos = torch.isin(chunk, eos_ids)
+                is_eos &= (new_tokens.shape[1] + torch.arange(chunk.shape[1], device=device)) >= min_new_tokens
+                after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+                chunk = chunk.masked_fill(after_eos, pad_token_id)
+                unfinished &= ~is_eos.any(-1)
+            new_tokens = torch.cat([new_tokens, chunk], dim=-1)
+            if streamer is not None:
+                streamer.put(chunk.cpu())
+            if len(criteria):
+                unfinished &= ~criteria(torch.cat([input_ids, new_tokens], dim=-1), None)
+            if not bool(unfinished.any()):
+                break
+
+            chunk_embeds = self.embed_chunks(chunk) if chunk.shape[1] == k else None
+            chunk_mask = torch.cat([chunk_mask, chunk_mask.new_ones(batch_size, 1)], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+            if chunk_embeds is None:
+                break
+
+        if streamer is not None:
+            streamer.end()
+        sequences = torch.cat([input_ids, new_tokens], dim=-1)
+        if generation_config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=sequences)
+        return sequences
+
+    def _next_chunk(
+        self,
+        hidden: torch.Tensor,
+        pool_size: int,
+        temperature: float,
+        do_sample: bool,
+        generator: torch.Generator | None,
+        noise_sampler: NoiseSampler | None,
+    ) -> torch.Tensor:
+        """hidden [B, d] -> the next chunk's token ids [B, K]."""
+        batch_size = hidden.shape[0]
+        hidden = hidden.unsqueeze(1).expand(batch_size, pool_size, hidden.shape[-1])  # [B, N, d]
+        noise = None
+        if noise_sampler is not None:
+            shape = (batch_size, self.config.noise_size) if pool_size == 1 else (batch_size, pool_size, self.config.noise_size)
+            noise = noise_sampler(shape, hidden.device, hidden.dtype).reshape(batch_size, pool_size, -1)
+        latents = self.generative_head.sample(hidden, noise, generator=generator)  # [B, N, l]
+        candidates = self.ae_model.decode_tokens(latents.unsqueeze(2)).reshape(batch_size, pool_size, -1)  # [B, N, K]
+        if pool_size == 1:
+            return candidates[:, 0]
+        choice = temperature_sampling(candidates, temperature, do_sample, generator)
+        return candidates[torch.arange(batch_size, device=hidden.device), choice]
+
+
+__all__ = ["CALMGenerationMixin", "temperature_sampling", "align_prompts", "CALM_GENERATION_DEFAULTS"]

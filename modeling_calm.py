@@ -1,0 +1,611 @@
+"""CALM: Continuous Autoregressive Language Models (Shao et al., 2025, arXiv 2510.27688).
+
+A high-fidelity autoencoder compresses each chunk of K = `patch_size` tokens into one `latent_size` vector.
+A Llama backbone reads one position per chunk and an energy head predicts the next chunk's vector, which
+the autoencoder decodes back into K tokens:
+
+    input_ids [B, P*K] -> embed + embed_proj [B, P, d] -> LlamaModel [B, P, d]
+        -> generative_head (+ noise) [B, P, l] -> ae_model.decoder -> logits [B, P*K, V] -> argmax
+
+Module names follow the authors' code (`transformer`, `embed_proj`, `generative_head`, `ae_model.encoder`,
+`ae_model.decoder`) so that their weights load by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaModel, LlamaRMSNorm
+from transformers.utils import ModelOutput
+
+from .configuration_calm import CALMAutoencoderConfig, CALMConfig
+from .generation_calm import CALM_GENERATION_DEFAULTS, CALMGenerationMixin
+
+try:  # transformers 5: init functions that leave weights loaded from a checkpoint alone
+    from transformers import initialization as init
+except ImportError:  # transformers 4.57
+    init = nn.init
+
+# The KV-cache keyword of LlamaModel.forward: `cache` in recent 5.x, `past_key_values` before.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+# Brier-n is reported for n-grams of 1..4 tokens (BrierLM is their geometric mean).
+BRIER_MAX_N = 4
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int, patch_size: int | None = None) -> None:
+    """Raise a clear error for ids a CALM model cannot read. `patch_size` set: require whole chunks."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}.")
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must have shape [batch_size, sequence_length], got {tuple(input_ids.shape)}; "
+            "for a single sequence use input_ids.unsqueeze(0)."
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+    if patch_size is not None and input_ids.shape[1] % patch_size != 0:
+        raise ValueError(
+            f"input length {input_ids.shape[1]} is not a multiple of patch_size={patch_size}: the model reads whole "
+            f"chunks of {patch_size} tokens. Pad the input to a multiple of {patch_size} (and mask the padding with "
+            "attention_mask), or use generate(), which aligns prompts of any length."
+        )
+    if input_ids.numel() > 0:
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"token id {bad} is out of range [0, {vocab_size}): the tokenizer does not match this model "
+                f"(vocab_size={vocab_size}). Use the tokenizer saved with the model."
+            )
+
+
+def energy_score(
+    samples: torch.Tensor,
+    mean: torch.Tensor,
+    log_std: torch.Tensor,
+    num_target_samples: int = 100,
+    beta: float = 1.0,
+    target_noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Monte-Carlo energy score of model samples against the Gaussian posterior of the target (spec section 3).
+
+    samples: [N, *, l] head samples; mean, log_std: [*, l]; target_noise: [M, *, l] standard normal draws.
+    Returns [*]: `sum_{i!=j} |x_i - x_j|^beta / (N(N-1)) - 2 sum_{i,j} |x_i - y_j|^beta / (N M)` (higher is better).
+    """
+    n = samples.shape[0]
+    if target_noise is None:
+        target_noise = torch.randn((num_target_samples, *mean.shape), device=mean.device, dtype=mean.dtype)
+    targets = mean + torch.exp(log_std) * target_noise  # [M, *, l]
+
+    # The diagonal i == j is zero, so summing the full matrix gives the sum over i != j.
+    pairwise = torch.linalg.norm(samples.unsqueeze(1) - samples.unsqueeze(0), dim=-1).pow(beta)  # [N, N, *]
+    spread = pairwise.sum(dim=(0, 1)) / (n * (n - 1))
+    to_target = torch.linalg.norm(samples.unsqueeze(1) - targets.unsqueeze(0), dim=-1).pow(beta)  # [N, M, *]
+    return spread - 2 * to_target.mean(dim=(0, 1))
+
+
+def brier_scores(
+    sample_a: torch.Tensor, sample_b: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Brier-1..4 from two independent samples per position (spec section 5).
+
+    sample_a, sample_b, targets: [n_positions, L] token ids with L >= 4, the tokens that follow each position.
+    valid: optional [n_positions, L] bool, False where a target token does not exist; an n-gram counts only where
+    its n target tokens exist. Returns [4]: the mean of `1{a=y} + 1{b=y} - 1{a=b}` over positions, per n-gram.
+    """
+    scores = []
+    for n in range(1, BRIER_MAX_N + 1):
+        a_hit = (sample_a[:, :n] == targets[:, :n]).all(-1)
+        b_hit = (sample_b[:, :n] == targets[:, :n]).all(-1)
+        collide = (sample_a[:, :n] == sample_b[:, :n]).all(-1)
+        score = a_hit.float() + b_hit.float() - collide.float()
+        keep = valid[:, :n].all(-1) if valid is not None else torch.ones_like(a_hit)
+        scores.append(score[keep].mean() if keep.any() else score.new_tensor(float("nan")))
+    return torch.stack(scores)
+
+
+@dataclass
+class CALMAutoencoderOutput(ModelOutput):
+    """Output of `CALMAutoencoder.forward`: loss [], logits [B, P*K, V], accuracy [], mean/log_std [B, P, l]."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    accuracy: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    log_std: torch.Tensor | None = None
+
+
+@dataclass
+class CALMOutput(ModelOutput):
+    """Output of `CALMForCausalLM.forward`.
+
+    last_hidden_state: [B, P, d], one backbone state per chunk (the state after chunk p predicts chunk p + 1).
+    loss: the energy loss (with labels). brier_scores: [4], Brier-1..4 (with labels, in eval mode).
+    """
+
+    loss: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    if CACHE_KWARG == "cache":  # the field's name follows the installed transformers
+        cache: object | None = None
+    else:
+        past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    brier_scores: torch.Tensor | None = None
+
+
+class AELayer(nn.Module):
+    """`x + SwiGLU(RMSNorm(x))`, applied to each position independently (no attention)."""
+
+    def __init__(self, config: CALMAutoencoderConfig) -> None:
+        super().__init__()
+        self.layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.mlp(self.layernorm(hidden))
+
+
+class CALMEncoder(nn.Module):
+    """K token ids -> posterior (mean, log_std) of one latent vector."""
+
+    def __init__(self, config: CALMAutoencoderConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_stage_layers = config.num_encoder_layers // 2
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.encoder_layers = nn.ModuleList(AELayer(config) for _ in range(config.num_encoder_layers))
+        self.squeeze_layer = nn.Linear(config.patch_size * config.hidden_size, config.hidden_size)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hidden_to_latent = nn.Linear(config.hidden_size, 2 * config.latent_size)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, seq_len = input_ids.shape
+        num_chunks = seq_len // self.patch_size
+        hidden = self.embed_tokens(input_ids.reshape(batch_size * num_chunks, self.patch_size))  # [B*P, K, a]
+        if self.training:
+            # As the authors' encoder does (it trains under bf16 autocast); this also shapes the CALM energy-loss
+            # targets, since their CALM training leaves the frozen autoencoder in training mode.
+            hidden = hidden.to(torch.bfloat16)
+        for layer in self.encoder_layers[: self.num_stage_layers]:
+            hidden = layer(hidden)
+        hidden = self.squeeze_layer(hidden.flatten(1).to(self.squeeze_layer.weight.dtype))  # [B*P, a]
+        for layer in self.encoder_layers[self.num_stage_layers :]:
+            hidden = layer(hidden)
+        latent = self.hidden_to_latent(self.norm(hidden)).reshape(batch_size, num_chunks, -1)  # [B, P, 2l]
+        mean, log_std = latent.chunk(2, dim=-1)
+        return mean, log_std
+
+
+class CALMDecoder(nn.Module):
+    """One latent vector -> K hidden states; the logits use the encoder's (tied) token embedding."""
+
+    def __init__(self, config: CALMAutoencoderConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_stage_layers = config.num_decoder_layers // 2
+        self.latent_to_hidden = nn.Linear(config.latent_size, config.hidden_size)
+        self.decoder_layers = nn.ModuleList(AELayer(config) for _ in range(config.num_decoder_layers))
+        self.expand_layer = nn.Linear(config.hidden_size, config.patch_size * config.hidden_size)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [*, P, l] -> hidden states [*, P*K, a], before the vocabulary projection."""
+        *lead, num_chunks, _ = latents.shape
+        hidden = self.latent_to_hidden(latents)
+        for layer in self.decoder_layers[: self.num_stage_layers]:
+            hidden = layer(hidden)
+        hidden = self.expand_layer(hidden).reshape(*lead, num_chunks * self.patch_size, -1)
+        for layer in self.decoder_layers[self.num_stage_layers :]:
+            hidden = layer(hidden)
+        return self.norm(hidden)
+
+
+class MLPBlock(nn.Module):
+    """Residual block of the energy head: the noise stream `x` is updated, conditioned on the hidden state `y`."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.in_ln = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.linears = nn.Sequential(
+            nn.Linear(2 * hidden_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, 2 * hidden_size),
+        )
+        self.down_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        gate, value = self.linears(torch.cat([self.in_ln(x), y], dim=-1)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * value)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, latent_size: int) -> None:
+        super().__init__()
+        self.in_ln = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.linears = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, latent_size)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linears(self.in_ln(x))
+
+
+class MLPGenerator(nn.Module):
+    """The energy head: one forward pass maps (hidden state, uniform noise) to one latent sample."""
+
+    def __init__(self, config: CALMConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.noise_size = config.noise_size
+        self.noise_embd = nn.Linear(config.noise_size, d)
+        self.hidden_embd = nn.Linear(d, d)
+        self.norm_noise = nn.LayerNorm(d, eps=1e-6)
+        self.norm_hidden = nn.LayerNorm(d, eps=1e-6)
+        self.mlp_blocks = nn.ModuleList(MLPBlock(d) for _ in range(config.num_mlp_layers))
+        self.final_layer = FinalLayer(d, config.latent_size)
+
+    def forward(self, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x = self.norm_noise(self.noise_embd(noise))
+        y = self.norm_hidden(self.hidden_embd(hidden))
+        for block in self.mlp_blocks:
+            x = block(x, y)
+        return self.final_layer(x)
+
+    def sample(
+        self, hidden: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """hidden [*, d] -> one latent sample [*, l] per row. `noise` [*, noise_size] is uniform in [-0.5, 0.5)."""
+        if noise is None:
+            noise = torch.rand(
+                (*hidden.shape[:-1], self.noise_size), generator=generator, device=hidden.device, dtype=hidden.dtype
+            ) - 0.5
+        elif noise.shape != (*hidden.shape[:-1], self.noise_size):
+            raise ValueError(
+                f"noise must have shape {(*hidden.shape[:-1], self.noise_size)} (hidden's leading dims + noise_size), "
+                f"got {tuple(noise.shape)}."
+            )
+        return self(hidden, noise.to(hidden.dtype))
+
+
+class CALMPreTrainedModel(PreTrainedModel):
+    config_class = CALMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "AELayer", "MLPBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_flex_attn = True
+    _supports_cache_class = True
+    # The energy loss is a mean over positions; Trainer must not rescale it by token counts.
+    accepts_loss_kwargs = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MLPGenerator):
+            # The authors zero the head's last projection, so that training starts from predicting 0.
+            init.zeros_(module.final_layer.linears[-1].weight)
+            init.zeros_(module.final_layer.linears[-1].bias)
+
+
+class CALMAutoencoder(CALMPreTrainedModel):
+    """The CALM autoencoder on its own: `encode` K tokens to a latent posterior, `decode` latents to logits."""
+
+    config_class = CALMAutoencoderConfig
+    base_model_prefix = "ae_model"
+    _no_split_modules = ["AELayer"]
+
+    def __init__(self, config: CALMAutoencoderConfig) -> None:
+        super().__init__(config)
+        self.patch_size = config.patch_size
+        self.encoder = CALMEncoder(config)
+        self.decoder = CALMDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.embed_tokens
+
+    def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, P*K] -> (mean, log_std), each [B, P, latent_size]."""
+        check_input_ids(input_ids, self.config.vocab_size, self.patch_size)
+        return self.encoder(input_ids)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, P, latent_size] -> logits [B, P*K, vocab_size]."""
+        self._check_latents(latents)
+        return F.linear(self.decoder(latents), self.encoder.embed_tokens.weight)
+
+    def decode_tokens(self, latents: torch.Tensor, max_positions_per_matmul: int = 4096) -> torch.Tensor:
+        """latents [*, P, latent_size] -> argmax token ids [*, P*K], without materialising all logits at once."""
+        self._check_latents(latents)
+        hidden = self.decoder(latents)  # [*, P*K, a]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        weight = self.encoder.embed_tokens.weight
+        ids = [F.linear(part, weight).argmax(-1) for part in flat.split(max_positions_per_matmul)]
+        return torch.cat(ids).reshape(hidden.shape[:-1])
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if latents.dim() < 2 or latents.shape[-1] != self.config.latent_size:
+            raise ValueError(
+                f"latents must have shape [..., num_chunks, latent_size={self.config.latent_size}], "
+                f"got {tuple(latents.shape)}."
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        latent_noise: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> CALMAutoencoderOutput:
+        """Reconstruct `input_ids` [B, P*K]. With `labels` (-100 ignored), the training loss of spec section 2.
+
+        In training mode: input tokens are dropped to id 0 with probability `ae_dropout`, the latent is sampled
+        (`mean + std * latent_noise`, noise standard normal) and dropped out with the same probability. In eval
+        mode the decoder reads the posterior mean, so `accuracy` is the deterministic reconstruction accuracy.
+        """
+        check_input_ids(input_ids, self.config.vocab_size, self.patch_size)
+        p = self.config.ae_dropout
+        encoder_ids = input_ids
+        if self.training and p > 0:
+            encoder_ids = input_ids.masked_fill(torch.rand(input_ids.shape, device=input_ids.device) < p, 0)
+        mean, log_std = self.encoder(encoder_ids)
+        latents = mean
+        if self.training:
+            if latent_noise is None:
+                latent_noise = torch.randn_like(mean)
+            latents = F.dropout(mean + torch.exp(log_std) * latent_noise, p=p, training=True)
+        logits = F.linear(self.decoder(latents), self.encoder.embed_tokens.weight)
+
+        loss = accuracy = None
+        if labels is not None:
+            valid = labels != -100
+            reconstruction = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            kl = 0.5 * (mean.pow(2) + torch.exp(2 * log_std) - 1 - 2 * log_std)  # [B, P, l]
+            kl = torch.clamp(kl, min=self.config.kl_clamp).sum(-1).mean()
+            loss = self.patch_size * reconstruction + self.config.kl_weight * kl
+            accuracy = (logits.argmax(-1) == labels)[valid].float().mean()
+        return CALMAutoencoderOutput(loss=loss, logits=logits, accuracy=accuracy, mean=mean, log_std=log_std)
+
+
+class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
+    """CALM language model: Llama backbone over chunks, energy head, frozen autoencoder."""
+
+    def __init__(self, config: CALMConfig) -> None:
+        super().__init__(config)
+        self.patch_size = config.patch_size
+        d = config.hidden_size
+        self.transformer = LlamaModel(config)
+        self.embed_proj = nn.Sequential(
+            nn.Linear(config.patch_size * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d, eps=1e-6)
+        )
+        self.generative_head = MLPGenerator(config)
+        self.ae_model = CALMAutoencoder(config.autoencoder_config)
+        self.ae_model.requires_grad_(False)
+        self.post_init()
+        if self.generation_config is not None:  # replaced by generation_config.json when loading a saved model
+            for key, value in CALM_GENERATION_DEFAULTS.items():
+                setattr(self.generation_config, key, value)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.embed_tokens = value
+
+    def embed_chunks(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, P*K] -> one input vector per chunk [B, P, d]. Masked tokens embed to zero."""
+        batch_size, seq_len = input_ids.shape
+        embeds = self.transformer.embed_tokens(input_ids)  # [B, P*K, d]
+        if token_mask is not None:
+            embeds = embeds * token_mask.unsqueeze(-1).to(embeds.dtype)
+        return self.embed_proj(embeds.reshape(batch_size, seq_len // self.patch_size, -1))
+
+    def backbone(
+        self,
+        chunk_embeds: torch.Tensor,
+        chunk_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: object | None = None,
+        use_cache: bool = False,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, object, object]:
+        """Run the Llama backbone on chunk vectors [B, P, d]; chunk_mask covers past + current chunks.
+
+        Returns (last_hidden_state [B, P, d], cache, raw backbone output).
+        """
+        outputs = self.transformer(
+            inputs_embeds=chunk_embeds,
+            attention_mask=chunk_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{CACHE_KWARG: past_key_values},
+            **kwargs,
+        )
+        cache = getattr(outputs, CACHE_KWARG, None)
+        return outputs.last_hidden_state, cache, outputs
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: object | None = None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        head_noise: torch.Tensor | None = None,
+        target_noise: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> CALMOutput:
+        """Backbone states per chunk; with `labels`, the energy loss (and Brier-1..4 in eval mode).
+
+        input_ids, attention_mask, labels: [B, P*K] (token level; a chunk is attended if any of its tokens is).
+        With labels, the inputs are chunks 0..P-2 and the targets chunks 1..P-1; a target chunk with any label
+        of -100 is skipped. `head_noise` [num_samples, n_targets, noise_size] (uniform in [-0.5, 0.5)) and
+        `target_noise` [num_target_samples, n_targets, latent_size] (standard normal) replace the random draws.
+        """
+        past_key_values = kwargs.pop("cache", past_key_values)
+        if input_ids is None:
+            raise ValueError("CALMForCausalLM.forward needs input_ids (the model embeds whole chunks of tokens).")
+        check_input_ids(input_ids, self.config.vocab_size, self.patch_size)
+        batch_size, seq_len = input_ids.shape
+        num_chunks = seq_len // self.patch_size
+        if attention_mask is not None and attention_mask.shape[0] != batch_size:
+            raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, input_ids {batch_size}.")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else False
+        extra = {"output_hidden_states": output_hidden_states, "output_attentions": bool(output_attentions)}
+
+        if labels is None:
+            token_mask, chunk_mask = self._split_mask(attention_mask, seq_len)
+            if chunk_mask is not None and position_ids is None and past_key_values is None:
+                position_ids = (chunk_mask.long().cumsum(-1) - 1).clamp(min=0)
+            hidden, cache, outputs = self.backbone(
+                self.embed_chunks(input_ids, token_mask),
+                chunk_mask,
+                position_ids,
+                past_key_values,
+                use_cache=bool(use_cache if use_cache is not None else self.config.use_cache),
+                **extra,
+            )
+            return CALMOutput(
+                last_hidden_state=hidden,
+                **{CACHE_KWARG: cache},
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
+
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
+        if num_chunks < 2:
+            raise ValueError(f"training needs at least 2 chunks ({2 * self.patch_size} tokens) per row, got {seq_len}.")
+
+        # Inputs: chunks 0..P-2; targets: chunks 1..P-1.
+        token_mask, chunk_mask = self._split_mask(attention_mask, seq_len)
+        input_len = (num_chunks - 1) * self.patch_size
+        chunk_mask = chunk_mask[:, :-1] if chunk_mask is not None else None
+        hidden, _, outputs = self.backbone(
+            self.embed_chunks(input_ids[:, :input_len], token_mask[:, :input_len] if token_mask is not None else None),
+            chunk_mask,
+            (chunk_mask.long().cumsum(-1) - 1).clamp(min=0) if chunk_mask is not None else None,
+            **extra,
+        )  # [B, P-1, d]
+        target_ids = labels[:, self.patch_size :].reshape(batch_size, num_chunks - 1, self.patch_size)
+        target_valid = (target_ids != -100).all(-1)  # [B, P-1]
+        hidden = hidden[target_valid]  # [n, d], row-major over (batch, chunk)
+        target_ids = target_ids[target_valid]  # [n, K]
+        with torch.no_grad():
+            mean, log_std = self.ae_model.encoder(target_ids.reshape(1, -1))  # [1, n, l]
+        mean, log_std = mean[0], log_std[0]
+
+        samples = self.generative_head.sample(
+            hidden.unsqueeze(0).expand(self.config.num_samples, -1, -1), head_noise
+        )  # [N, n, l]
+        score = energy_score(
+            samples, mean, log_std, self.config.num_target_samples, self.config.beta, target_noise
+        )  # [n]
+        loss = -score.mean()
+
+        brier = None
+        if not self.training:
+            with torch.no_grad():
+                brier = self._brier(samples[:2], labels, target_valid, input_ids, token_mask, chunk_mask)
+        return CALMOutput(
+            loss=loss,
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            brier_scores=brier,
+        )
+
+    def _split_mask(
+        self, attention_mask: torch.Tensor | None, seq_len: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Token mask [B, T] -> (token mask of the current input, chunk mask over past + current chunks)."""
+        if attention_mask is None:
+            return None, None
+        if attention_mask.dim() != 2 or attention_mask.shape[1] % self.patch_size != 0:
+            raise ValueError(
+                f"attention_mask must be a token-level [batch_size, length] mask with length a multiple of "
+                f"patch_size={self.patch_size}, got {tuple(attention_mask.shape)}."
+            )
+        chunk_mask = attention_mask.reshape(attention_mask.shape[0], -1, self.patch_size).any(-1).long()
+        return attention_mask[:, -seq_len:], chunk_mask
+
+    def _brier(
+        self,
+        first_samples: torch.Tensor,
+        labels: torch.Tensor,
+        target_valid: torch.Tensor,
+        input_ids: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        chunk_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Brier-1..4 at each target chunk start, from two samples per position.
+
+        K >= 4: the first 4 tokens of each decoded sample. K < 4: each sample is rolled out for ceil(4/K) chunks,
+        feeding the sampled tokens back (one extra backbone pass per roll-out chunk).
+        """
+        k = self.patch_size
+        batch_size, seq_len = labels.shape
+        num_positions = seq_len // k - 1
+        tokens = self.ae_model.decode_tokens(first_samples.unsqueeze(-2))  # [2, n, K]
+        # The target n-grams: the (up to 4) label tokens after each chunk start; missing ones are invalid.
+        span = max(BRIER_MAX_N, k)
+        padded = F.pad(labels[:, k:], (0, span), value=-100)
+        windows = padded.unfold(1, span, k)[:, :num_positions]  # [B, P-1, span]
+        windows = windows[target_valid]  # [n, span]
+        if k >= BRIER_MAX_N:
+            return brier_scores(tokens[0], tokens[1], windows, windows != -100)
+
+        rollout = self._rollout(first_samples, input_ids, token_mask, chunk_mask, target_valid)  # [2, n, R*K]
+        return brier_scores(rollout[0], rollout[1], windows[:, : rollout.shape[-1]], windows[:, : rollout.shape[-1]] != -100)
+
+    def _rollout(
+        self,
+        first_samples: torch.Tensor,
+        input_ids: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        chunk_mask: torch.Tensor | None,
+        target_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """For K < 4: continue each of the 2 samples at each position for ceil(4/K) chunks in all.
+
+        Every (sample, position) becomes its own row: the row for position t sees input chunks 0..t (later chunks
+        masked out) followed by its own sampled chunks. Returns token ids [2, n, ceil(4/K) * K].
+        """
+        k = self.patch_size
+        num_steps = -(-BRIER_MAX_N // k)
+        batch_size = input_ids.shape[0]
+        num_inputs = input_ids.shape[1] // k - 1
+        rows_b, rows_t = target_valid.nonzero(as_tuple=True)  # n rows, in the order of the samples
+        embeds = self.embed_chunks(
+            input_ids[:, : num_inputs * k], token_mask[:, : num_inputs * k] if token_mask is not None else None
+        )  # [B, P-1, d]
+        base_mask = chunk_mask if chunk_mask is not None else embeds.new_ones(batch_size, num_inputs, dtype=torch.long)
+        positions = (base_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P-1]
+        rows_mask = base_mask[rows_b] * (torch.arange(num_inputs, device=embeds.device) <= rows_t[:, None])
+        rows_mask = rows_mask.repeat(2, 1)  # [2n, P-1]: both samples
+        _, cache, _ = self.backbone(embeds[rows_b].repeat(2, 1, 1), rows_mask, positions[rows_b].repeat(2, 1), use_cache=True)
+        next_position = positions[rows_b, rows_t].repeat(2) + 1  # [2n]
+
+        latents = first_samples.reshape(-1, first_samples.shape[-1])  # [2n, l]
+        chunks = [self.ae_model.decode_tokens(latents.unsqueeze(1))]  # each [2n, K]
+        for step in range(1, num_steps):
+            rows_mask = torch.cat([rows_mask, rows_mask.new_ones(rows_mask.shape[0], 1)], dim=1)
+            hidden, cache, _ = self.backbone(
+                self.embed_chunks(chunks[-1]), rows_mask, (next_position + step - 1)[:, None], cache, use_cache=True
+            )
+            chunks.append(self.ae_model.decode_tokens(self.generative_head.sample(hidden[:, -1]).unsqueeze(1)))
+        return torch.cat(chunks, dim=-1).reshape(2, -1, num_steps * k)

@@ -1,0 +1,47 @@
+"""pip-installable package of the CALM model repository.
+
+The repository root *is* the package `calm_transformers`: the same `configuration_calm.py`, `modeling_calm.py`
+and `generation_calm.py` serve `trust_remote_code` loading from a model folder and `import calm_transformers`.
+"""
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+# Files at the root that are not part of the installed package.
+NOT_PACKAGED = {"setup"}
+
+
+class BuildPackageFromRoot(build_py):
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if m[1] not in NOT_PACKAGED]
+
+
+setup(
+    name="calm-transformers",
+    version="0.1.0",
+    description="CALM (Continuous Autoregressive Language Models) for Hugging Face transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["calm_transformers"],
+    package_dir={"calm_transformers": "."},
+    package_data={"calm_transformers": ["config.json"]},
+    cmdclass={"build_py": BuildPackageFromRoot},
+    install_requires=[
+        "torch>=2.4,<3",
+        "transformers>=4.57,<6",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.34",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.0", "ruff"],
+    },
+    entry_points={
+        "console_scripts": [
+            "calm-convert=calm_transformers.convert_checkpoint:main",
+        ]
+    },
+)
