@@ -233,8 +233,10 @@ class CALMConfig(PretrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        if not isinstance(output.get("autoencoder_config"), dict):
-            output["autoencoder_config"] = self.autoencoder_config.to_dict()
+        # Only the autoencoder fields that differ from their defaults, to keep config.json readable.
+        nested = self.autoencoder_config.to_diff_dict()
+        nested.pop("transformers_version", None)
+        output["autoencoder_config"] = nested
         # Always write the RoPE base both ways (4.57 and 5.x read different fields).
         output["rope_theta"] = self.rope_theta
         output["rope_parameters"] = dict(self.rope_parameters)

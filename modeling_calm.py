@@ -609,3 +609,11 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
             )
             chunks.append(self.ae_model.decode_tokens(self.generative_head.sample(hidden[:, -1]).unsqueeze(1)))
         return torch.cat(chunks, dim=-1).reshape(2, -1, num_steps * k)
+
+
+# `save_pretrained` copies this code next to the weights and writes `auto_map`, so that saved folders load with
+# `trust_remote_code=True` and no install.
+CALMConfig.register_for_auto_class()
+CALMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+CALMAutoencoderConfig.register_for_auto_class()
+CALMAutoencoder.register_for_auto_class("AutoModel")

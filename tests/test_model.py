@@ -1,0 +1,212 @@
+"""The model classes on their own: save/load round trips, remote code, training behaviour and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, require_shared, run_python, tiny_config, tiny_model
+
+from calm_transformers import CALMAutoencoder, CALMAutoencoderConfig, CALMConfig, CALMForCausalLM
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip(tmp_path, patch_size, dtype):
+    model = tiny_model(patch_size=patch_size, num_heads=4, num_kv_heads=2, rope_theta=5e5)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    assert {"configuration_calm.py", "modeling_calm.py", "generation_calm.py"} <= files
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["rope_theta"] == 5e5 and saved["rope_parameters"]["rope_theta"] == 5e5
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_calm.CALMForCausalLM"
+
+    loaded = CALMForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert next(loaded.parameters()).dtype == dtype
+    ids = torch.randint(0, 90, (2, 3 * patch_size))
+    with torch.no_grad():
+        expected = model.to(dtype)(ids).last_hidden_state
+        got = loaded(ids).last_hidden_state
+    assert torch.equal(expected, got)
+    assert loaded.config.rope_parameters["rope_theta"] == 5e5
+    assert loaded.transformer.rotary_emb.inv_freq[1].item() == pytest.approx(
+        1 / 5e5 ** (2 / loaded.config.head_dim), rel=1e-5
+    )
+
+
+def test_autoencoder_standalone_round_trip(tmp_path):
+    torch.manual_seed(0)
+    ae = CALMAutoencoder(CALMAutoencoderConfig(vocab_size=50, hidden_size=16, intermediate_size=32, latent_size=4)).eval()
+    ae.save_pretrained(tmp_path)
+    loaded = CALMAutoencoder.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 50, (3, 8))
+    mean, log_std = loaded.encode(ids)
+    assert mean.shape == log_std.shape == (3, 2, 4)
+    assert loaded.decode(mean).shape == (3, 8, 50)
+    assert torch.equal(loaded.decode_tokens(mean), ae.decode(mean).argmax(-1))
+
+
+def test_autoencoder_training_loss_and_accuracy():
+    torch.manual_seed(0)
+    ae = CALMAutoencoder(CALMAutoencoderConfig(vocab_size=50, hidden_size=16, intermediate_size=32, latent_size=4))
+    ids = torch.randint(0, 50, (2, 8))
+    ae.train()
+    out = ae(ids, labels=ids)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert ae.encoder.embed_tokens.weight.grad is not None
+    ae.eval()
+    with torch.no_grad():
+        out = ae(ids, labels=ids)
+    assert torch.equal(out.accuracy, (out.logits.argmax(-1) == ids).float().mean())
+    labels = ids.clone()
+    labels[:, :4] = -100  # ignored positions do not count
+    with torch.no_grad():
+        masked = ae(ids, labels=labels)
+    assert torch.equal(masked.accuracy, (out.logits.argmax(-1) == ids)[:, 4:].float().mean())
+
+
+def test_remote_code_in_fresh_process(tmp_path):
+    model = tiny_model(patch_size=4)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 90, (2, 8))
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+    torch.save({"ids": ids, "expected": expected}, tmp_path / "probe.pt")
+    code = f"""
+import torch, transformers
+from transformers import AutoModelForCausalLM
+probe = torch.load({str(tmp_path / 'probe.pt')!r})
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
+with torch.no_grad():
+    got = model(probe['ids']).last_hidden_state
+print('DIFF', (got - probe['expected']).abs().max().item())
+"""
+    # An empty module cache, and no way to import the installed package: only the folder's code can be used.
+    out = run_python(code, cwd=tmp_path, env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert "DIFF 0.0" in out
+
+
+def test_gradient_flows_through_backbone_and_head():
+    model = tiny_model(patch_size=2)
+    model.train()
+    ids = torch.randint(0, 90, (2, 12))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert model.transformer.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.embed_proj[0].weight.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in model.ae_model.parameters())
+
+
+def test_labels_minus_100_skip_chunks():
+    model = tiny_model(patch_size=4)
+    ids = torch.randint(0, 90, (1, 16))
+    labels = ids.clone()
+    labels[:, 12:] = -100  # the last target chunk is skipped
+    draws = dict(head_noise=torch.rand(4, 2, 8) - 0.5, target_noise=torch.randn(100, 2, 8))
+    with torch.no_grad():
+        skipped = model(ids, labels=labels, **draws).loss
+        shorter = model(ids[:, :12], labels=ids[:, :12], **draws).loss
+    torch.testing.assert_close(skipped, shorter)
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 3])
+def test_brier_rollout_for_small_patches(patch_size):
+    model = tiny_model(patch_size=patch_size)
+    ids = torch.randint(0, 90, (2, 6 * patch_size))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    assert out.brier_scores.shape == (4,)
+    assert torch.isfinite(out.brier_scores).all()
+    assert (out.brier_scores >= -1).all() and (out.brier_scores <= 1).all()
+
+
+def test_brier_rollout_is_perfect_for_a_deterministic_copy_model():
+    """A model whose every sample is the target gets Brier = 1 on every n-gram, also through the K < 4 roll-out."""
+    model = tiny_model(patch_size=2)
+    ids = torch.zeros((1, 12), dtype=torch.long)
+    with torch.no_grad():
+        model.ae_model.decoder.norm.weight.zero_()  # all logits 0: argmax decodes every latent to token 0
+        out = model(ids, labels=ids)
+        assert torch.equal(out.brier_scores, torch.ones(4))
+        ids[0, 6] = 5  # a wrong token at a chunk start lowers every n-gram that covers it
+        worse = model(ids, labels=ids).brier_scores
+    assert (worse < 1).all()
+
+
+def test_config_errors():
+    ae = CALMAutoencoderConfig(vocab_size=96, latent_size=8, patch_size=4)
+    with pytest.raises(ValueError, match="latent_size"):
+        CALMConfig(vocab_size=96, latent_size=16, patch_size=4, autoencoder_config=ae)
+    with pytest.raises(ValueError, match="patch_size"):
+        CALMConfig(vocab_size=96, latent_size=8, patch_size=2, autoencoder_config=ae)
+    with pytest.raises(ValueError, match="vocab_size"):
+        CALMConfig(vocab_size=97, latent_size=8, patch_size=4, autoencoder_config=ae)
+    with pytest.raises(ValueError, match="divisible by num_attention_heads"):
+        tiny_config(hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="divisible by num_key_value_heads"):
+        tiny_config(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="positive integer"):
+        tiny_config(num_mlp_layers=0)
+    with pytest.raises(ValueError, match="positive integer"):
+        CALMAutoencoderConfig(hidden_size=-1)
+
+
+def test_config_has_no_generation_parameters(tmp_path):
+    config = tiny_config()
+    config.save_pretrained(tmp_path)  # transformers 5 refuses configs with generation parameters
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not {"temperature", "max_length", "top_k", "do_sample"} & set(saved)
+    assert CALMConfig.from_pretrained(tmp_path).autoencoder_config.latent_size == 8
+
+
+def test_input_errors():
+    model = tiny_model(patch_size=4)
+    with pytest.raises(ValueError, match="not a multiple of patch_size=4"):
+        model(torch.randint(0, 90, (1, 6)))
+    with pytest.raises(ValueError, match=r"unsqueeze\(0\)"):
+        model(torch.randint(0, 90, (8,)))
+    with pytest.raises(ValueError, match="out of range"):
+        model(torch.full((1, 8), 96))
+    with pytest.raises(ValueError, match="out of range"):
+        model.ae_model.encode(torch.full((1, 8), -1))
+    with pytest.raises(ValueError, match="latent_size=8"):
+        model.ae_model.decode(torch.zeros(1, 2, 5))
+
+
+def test_root_config_is_calm_m():
+    config = CALMConfig.from_pretrained(REPO)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (1024, 2752, 16)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.num_mlp_layers) == (16, 16, 4)
+    assert config.autoencoder_config.vocab_size == 128257 and config.autoencoder_config.latent_size == 128
+    with torch.device("meta"):
+        model = CALMForCausalLM(config)
+    lm = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("ae_model."))
+    ae = sum(p.numel() for p in model.ae_model.parameters())
+    assert round(lm / 1e6) == 372 and round(ae / 1e6) == 76  # spec: 371M (+75M autoencoder)
+
+
+def test_reference_checkpoint_errors(tmp_path):
+    from calm_transformers.convert_checkpoint import CheckpointError, load_reference_checkpoint
+
+    fixture = require_shared()
+    with pytest.raises(CheckpointError, match="autoencoder checkpoint, not a CALM"):
+        load_reference_checkpoint(fixture / "autoencoder")
+    # A CALM checkpoint without ae_model.* weights and no autoencoder folder.
+    sd = torch.load(fixture / "calm" / "pytorch_model.bin", weights_only=True)
+    (tmp_path / "calm").mkdir()
+    (tmp_path / "calm" / "config.json").write_text((fixture / "calm" / "config.json").read_text())
+    torch.save({k: v for k, v in sd.items() if not k.startswith("ae_model.")}, tmp_path / "calm" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="no autoencoder weights"):
+        load_reference_checkpoint(tmp_path / "calm")
+    # Unexpected keys are named.
+    torch.save({**sd, "extra.weight": torch.zeros(1)}, tmp_path / "calm" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="unexpected keys.*extra.weight"):
+        load_reference_checkpoint(tmp_path / "calm")
+    # The autoencoder's own weights (no ae_model.* in the CALM file) are enough.
+    torch.save({k: v for k, v in sd.items() if not k.startswith("ae_model.")}, tmp_path / "calm" / "pytorch_model.bin")
+    model = load_reference_checkpoint(tmp_path / "calm", fixture / "autoencoder")
+    assert isinstance(model, CALMForCausalLM)
