@@ -177,6 +177,7 @@ class CALMConfig(PretrainedConfig):
         elif isinstance(autoencoder_config, dict):
             autoencoder_config = CALMAutoencoderConfig(**autoencoder_config)
         self.autoencoder_config = autoencoder_config
+        self._validate()  # before the base class, whose own checks give less helpful messages
 
         super().__init__(
             pad_token_id=pad_token_id,
@@ -185,7 +186,6 @@ class CALMConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self._validate()
 
     def _validate(self) -> None:
         _check_positive(
