@@ -156,7 +156,11 @@ class CALMConfig(PretrainedConfig):
         rope_parameters = kwargs.pop("rope_parameters", None)
         if rope_parameters is not None and "rope_theta" in rope_parameters:
             rope_theta = rope_parameters["rope_theta"]
-        if rope_scaling is None and rope_parameters is not None and rope_parameters.get("rope_type", "default") != "default":
+        if (
+            rope_scaling is None
+            and rope_parameters is not None
+            and rope_parameters.get("rope_type", "default") != "default"
+        ):
             rope_scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
         self.rope_theta = float(rope_theta)
         if rope_scaling is not None:  # 5.x warns on this legacy field; only 4.57 needs it, and only when set

@@ -6,7 +6,7 @@ the autoencoder decodes them to K tokens, and `temperature_sampling` picks one c
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +122,8 @@ class CALMGenerationMixin(GenerationMixin):
             )
         if not isinstance(generation_config.num_samples, int) or generation_config.num_samples < 1:
             raise ValueError(
-                f"num_samples (the candidate pool per step) must be a positive integer, got {generation_config.num_samples!r}."
+                "num_samples (the candidate pool per step) must be a positive integer, "
+                f"got {generation_config.num_samples!r}."
             )
         return generation_config, model_kwargs
 
@@ -178,7 +179,8 @@ class CALMGenerationMixin(GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         elif attention_mask.shape != input_ids.shape:
             raise ValueError(
-                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}."
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}."
             )
         if bool((attention_mask.sum(-1) == 0).any()):
             raise ValueError("every prompt needs at least one token: a row of attention_mask is all zeros.")
@@ -272,7 +274,11 @@ class CALMGenerationMixin(GenerationMixin):
         hidden = hidden.unsqueeze(1).expand(batch_size, pool_size, hidden.shape[-1])  # [B, N, d]
         noise = None
         if noise_sampler is not None:
-            shape = (batch_size, self.config.noise_size) if pool_size == 1 else (batch_size, pool_size, self.config.noise_size)
+            shape = (
+                (batch_size, self.config.noise_size)
+                if pool_size == 1
+                else (batch_size, pool_size, self.config.noise_size)
+            )
             noise = noise_sampler(shape, hidden.device, hidden.dtype).reshape(batch_size, pool_size, -1)
         latents = self.generative_head.sample(hidden, noise, generator=generator)  # [B, N, l]
         candidates = self.ae_model.decode_tokens(latents.unsqueeze(2)).reshape(batch_size, pool_size, -1)  # [B, N, K]

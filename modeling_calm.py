@@ -265,9 +265,12 @@ class MLPGenerator(nn.Module):
     ) -> torch.Tensor:
         """hidden [*, d] -> one latent sample [*, l] per row. `noise` [*, noise_size] is uniform in [-0.5, 0.5)."""
         if noise is None:
-            noise = torch.rand(
-                (*hidden.shape[:-1], self.noise_size), generator=generator, device=hidden.device, dtype=hidden.dtype
-            ) - 0.5
+            noise = (
+                torch.rand(
+                    (*hidden.shape[:-1], self.noise_size), generator=generator, device=hidden.device, dtype=hidden.dtype
+                )
+                - 0.5
+            )
         elif noise.shape != (*hidden.shape[:-1], self.noise_size):
             raise ValueError(
                 f"noise must have shape {(*hidden.shape[:-1], self.noise_size)} (hidden's leading dims + noise_size), "
@@ -395,6 +398,7 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
         if self.generation_config is not None:  # replaced by generation_config.json when loading a saved model
             for key, value in CALM_GENERATION_DEFAULTS.items():
                 setattr(self.generation_config, key, value)
+            self.generation_config._from_model_config = False  # our own defaults, not derived from config.json
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.embed_tokens
@@ -487,7 +491,9 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
             )
 
         if labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}."
+            )
         if num_chunks < 2:
             raise ValueError(f"training needs at least 2 chunks ({2 * self.patch_size} tokens) per row, got {seq_len}.")
 
@@ -570,7 +576,9 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
             return brier_scores(tokens[0], tokens[1], windows, windows != -100)
 
         rollout = self._rollout(first_samples, input_ids, token_mask, chunk_mask, target_valid)  # [2, n, R*K]
-        return brier_scores(rollout[0], rollout[1], windows[:, : rollout.shape[-1]], windows[:, : rollout.shape[-1]] != -100)
+        return brier_scores(
+            rollout[0], rollout[1], windows[:, : rollout.shape[-1]], windows[:, : rollout.shape[-1]] != -100
+        )
 
     def _rollout(
         self,
@@ -597,7 +605,9 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
         positions = (base_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P-1]
         rows_mask = base_mask[rows_b] * (torch.arange(num_inputs, device=embeds.device) <= rows_t[:, None])
         rows_mask = rows_mask.repeat(2, 1)  # [2n, P-1]: both samples
-        _, cache, _ = self.backbone(embeds[rows_b].repeat(2, 1, 1), rows_mask, positions[rows_b].repeat(2, 1), use_cache=True)
+        _, cache, _ = self.backbone(
+            embeds[rows_b].repeat(2, 1, 1), rows_mask, positions[rows_b].repeat(2, 1), use_cache=True
+        )
         next_position = positions[rows_b, rows_t].repeat(2) + 1  # [2n]
 
         latents = first_samples.reshape(-1, first_samples.shape[-1])  # [2n, l]

@@ -27,7 +27,8 @@ setup(
     python_requires=">=3.10",
     packages=["calm_transformers"],
     package_dir={"calm_transformers": "."},
-    package_data={"calm_transformers": ["config.json"]},
+    # The small CALM trained on WikiText-103 (test split) that `calm-generate` uses by default.
+    package_data={"calm_transformers": ["config.json", "calm_tiny_wikitext/*"]},
     cmdclass={"build_py": BuildPackageFromRoot},
     install_requires=[
         "torch>=2.4,<3",
@@ -37,11 +38,15 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.0", "ruff"],
+        "test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.0", "ruff", "tokenizers>=0.19", "tiktoken"],
+        "train": ["accelerate>=1.0", "tokenizers>=0.19"],
     },
     entry_points={
         "console_scripts": [
             "calm-convert=calm_transformers.convert_checkpoint:main",
+            "calm-eval=calm_transformers.evaluate_calm:main",
+            "calm-train=calm_transformers.train_calm:main",
+            "calm-generate=calm_transformers.cli:main",
         ]
     },
 )

@@ -50,14 +50,35 @@ def tiny_config(
     **overrides,
 ) -> CALMConfig:
     ae = CALMAutoencoderConfig(
-        vocab_size=vocab_size, hidden_size=24, intermediate_size=48, num_encoder_layers=2, num_decoder_layers=2,
-        latent_size=8, patch_size=patch_size, pad_token_id=vocab_size - 1, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=24,
+        intermediate_size=48,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        latent_size=8,
+        patch_size=patch_size,
+        pad_token_id=vocab_size - 1,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     fields = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, rope_theta=rope_theta, patch_size=patch_size,
-        latent_size=8, noise_size=8, num_mlp_layers=2, num_samples=4, pad_token_id=vocab_size - 1, bos_token_id=1,
-        eos_token_id=2, max_position_embeddings=64, autoencoder_config=ae,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        rope_theta=rope_theta,
+        patch_size=patch_size,
+        latent_size=8,
+        noise_size=8,
+        num_mlp_layers=2,
+        num_samples=4,
+        pad_token_id=vocab_size - 1,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=64,
+        autoencoder_config=ae,
     )
     fields.update(overrides)
     return CALMConfig(**fields)

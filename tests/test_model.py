@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, require_shared, run_python, tiny_config, tiny_model
-
 from calm_transformers import CALMAutoencoder, CALMAutoencoderConfig, CALMConfig, CALMForCausalLM
+from conftest import REPO, require_shared, run_python, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("patch_size", [1, 2, 3, 4, 8])
@@ -38,7 +37,9 @@ def test_save_load_round_trip(tmp_path, patch_size, dtype):
 
 def test_autoencoder_standalone_round_trip(tmp_path):
     torch.manual_seed(0)
-    ae = CALMAutoencoder(CALMAutoencoderConfig(vocab_size=50, hidden_size=16, intermediate_size=32, latent_size=4)).eval()
+    ae = CALMAutoencoder(
+        CALMAutoencoderConfig(vocab_size=50, hidden_size=16, intermediate_size=32, latent_size=4)
+    ).eval()
     ae.save_pretrained(tmp_path)
     loaded = CALMAutoencoder.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 50, (3, 8))
@@ -78,7 +79,7 @@ def test_remote_code_in_fresh_process(tmp_path):
     code = f"""
 import torch, transformers
 from transformers import AutoModelForCausalLM
-probe = torch.load({str(tmp_path / 'probe.pt')!r})
+probe = torch.load({str(tmp_path / "probe.pt")!r})
 model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
 assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
 with torch.no_grad():

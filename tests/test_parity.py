@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from calm_transformers.modeling_calm import brier_scores
 
 TOL = 1e-5

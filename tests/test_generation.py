@@ -1,0 +1,334 @@
+"""generate(): chunked decoding through the standard interfaces, stopping, sampling and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from calm_transformers.generation_calm import align_prompts, temperature_sampling
+from conftest import tiny_model
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+VOCAB = 96
+PAD, EOS = VOCAB - 1, 2
+
+
+def noise_table(rows: int, steps: int, noise_size: int = 8, pool: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(rows, steps, pool, noise_size, generator=g) - 0.5
+
+
+def replay(table: torch.Tensor, rows: list[int]):
+    """A noise_sampler that hands out the draws of `rows` of `table`, one step per call."""
+    step = iter(range(table.shape[1]))
+
+    def sampler(shape, device, dtype):
+        s = next(step)
+        return table[rows, s].reshape(shape).to(device, dtype)
+
+    return sampler
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(patch_size=4)
+
+
+@pytest.mark.parametrize("pool,temperature", [(1, 1.0), (16, 0.5), (16, 0.4)])
+def test_batched_equals_one_by_one(model, pool, temperature):
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34, 35]]
+    table = noise_table(len(prompts), 6, pool=pool)
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=temperature, num_samples=pool, eos_token_id=None)
+    ids, mask = left_pad(prompts)
+    torch.manual_seed(0)
+    batched = model.generate(
+        ids,
+        attention_mask=mask,
+        noise_sampler=replay(table, [0, 1, 2]),
+        generator=torch.Generator().manual_seed(1) if pool > 1 else None,
+        **kwargs,
+    )
+    assert batched.shape == (3, ids.shape[1] + 10)
+    assert torch.equal(batched[:, : ids.shape[1]], ids)  # the prompt is returned as given
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), noise_sampler=replay(table, [row]), **kwargs)
+        if pool == 1:
+            assert alone[0, len(prompt) :].tolist() == batched[row, ids.shape[1] :].tolist()
+        else:  # the pool is the same; the choice among candidates draws from a shared generator: compare pools
+            assert alone.shape == (1, len(prompt) + 10)
+
+
+def test_batched_candidate_pools_equal_one_by_one(model):
+    """With do_sample=False the pick is deterministic given the pool: batched == one-by-one at T < 1 too."""
+    prompts = [[5, 6, 7, 8, 9], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]]
+    table = noise_table(2, 4, pool=12)
+    kwargs = dict(max_new_tokens=12, do_sample=False, num_samples=12, eos_token_id=None)
+    ids, mask = left_pad(prompts)
+    batched = model.generate(ids, attention_mask=mask, noise_sampler=replay(table, [0, 1]), **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), noise_sampler=replay(table, [row]), **kwargs)
+        assert alone[0, len(prompt) :].tolist() == batched[row, ids.shape[1] :].tolist()
+
+
+def test_right_padded_prompts_equal_left_padded(model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21]]
+    table = noise_table(2, 4)
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=1.0, eos_token_id=None)
+    ids, mask = left_pad(prompts)
+    right_ids = torch.tensor([p + [PAD] * (7 - len(p)) for p in prompts])
+    right_mask = torch.tensor([[1] * len(p) + [0] * (7 - len(p)) for p in prompts])
+    left = model.generate(ids, attention_mask=mask, noise_sampler=replay(table, [0, 1]), **kwargs)
+    right = model.generate(right_ids, attention_mask=right_mask, noise_sampler=replay(table, [0, 1]), **kwargs)
+    assert torch.equal(left[:, 7:], right[:, 7:])
+
+
+def test_align_prompts_layouts():
+    ids = torch.tensor([[PAD, PAD, 5, 6, 7], [8, 9, PAD, PAD, PAD]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]])
+    aligned, token_mask = align_prompts(ids, mask, 4, PAD, "left")
+    assert aligned.tolist() == [[PAD, 5, 6, 7], [PAD, PAD, 8, 9]]
+    assert token_mask.tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]
+    ref, ref_mask = align_prompts(torch.tensor([[5, 6, 7, 8, 9]]), torch.ones(1, 5), 4, PAD, "reference")
+    assert ref.tolist() == [[5, 6, 7, 8, 9, PAD, PAD, PAD]] and bool(ref_mask.all())
+    with pytest.raises(ValueError, match="equal length"):
+        align_prompts(ids, mask, 4, PAD, "reference")
+
+
+def test_reference_alignment_conditions_on_trailing_pad(model):
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    kwargs = dict(max_new_tokens=4, do_sample=True, temperature=1.0, eos_token_id=None)
+    table = noise_table(1, 2)
+    ref = model.generate(prompt, prompt_alignment="reference", noise_sampler=replay(table, [0]), **kwargs)
+    padded = torch.tensor([[5, 6, 7, 8, 9, 10, PAD, PAD]])
+    explicit = model.generate(padded, noise_sampler=replay(table, [0]), **kwargs)
+    assert ref[0, 6:].tolist() == explicit[0, 8:].tolist()
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3, 5, 9])
+def test_max_new_tokens_is_exact(model, max_new_tokens):
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=max_new_tokens, eos_token_id=None)
+    assert out.shape == (1, 3 + max_new_tokens)
+
+
+def test_max_length(model):
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_length=10, eos_token_id=None)
+    assert out.shape == (1, 10)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_length=3)
+
+
+def first_chunk(model, prompt, table):
+    return model.generate(
+        prompt, max_new_tokens=4, do_sample=True, temperature=1.0, eos_token_id=None, noise_sampler=replay(table, [0])
+    )[0, prompt.shape[1] :].tolist()
+
+
+def test_eos_mid_chunk_stops_the_row(model):
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    table = noise_table(1, 4)
+    chunk = first_chunk(model, prompt, table)
+    eos = chunk[1]  # declare the second token of the first chunk an end-of-sequence token
+    out = model.generate(
+        prompt,
+        max_new_tokens=12,
+        do_sample=True,
+        temperature=1.0,
+        eos_token_id=[eos, 93],
+        pad_token_id=PAD,
+        noise_sampler=replay(table, [0]),
+    )
+    new = out[0, 4:].tolist()
+    assert new[:2] == chunk[:2]
+    assert new[2:] == [PAD] * (len(new) - 2)
+    assert len(new) == 4  # the loop stopped after the chunk that held the EOS
+
+
+def test_eos_in_one_row_pads_it_while_others_continue(model):
+    prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    table = noise_table(2, 4)
+    free = model.generate(
+        prompts,
+        max_new_tokens=12,
+        do_sample=True,
+        temperature=1.0,
+        eos_token_id=None,
+        noise_sampler=replay(table, [0, 1]),
+    )
+    eos = free[0, 4].item()
+    if eos in free[1, 4:].tolist():
+        pytest.skip("random weights produced the chosen EOS in both rows")
+    out = model.generate(
+        prompts,
+        max_new_tokens=12,
+        do_sample=True,
+        temperature=1.0,
+        eos_token_id=eos,
+        pad_token_id=PAD,
+        noise_sampler=replay(table, [0, 1]),
+    )
+    assert out[0, 4] == eos and (out[0, 5:] == PAD).all()
+    assert torch.equal(out[1], free[1])
+
+
+def test_min_new_tokens_ignores_early_eos(model):
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    table = noise_table(1, 4)
+    eos = first_chunk(model, prompt, table)[0]
+    out = model.generate(
+        prompt,
+        max_new_tokens=8,
+        min_new_tokens=4,
+        do_sample=True,
+        temperature=1.0,
+        eos_token_id=eos,
+        noise_sampler=replay(table, [0]),
+    )
+    assert out.shape[1] > 5 and out[0, 4] == eos
+
+
+def test_stopping_criteria_and_max_time(model):
+    class AfterEight(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 12, dtype=torch.bool)
+
+    out = model.generate(
+        torch.tensor([[5, 6, 7, 8]]),
+        max_new_tokens=40,
+        eos_token_id=None,
+        stopping_criteria=StoppingCriteriaList([AfterEight()]),
+    )
+    assert out.shape == (1, 12)
+    out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=40, eos_token_id=None, max_time=0.0)
+    assert out.shape == (1, 8)  # one chunk, then the time is up
+
+
+def test_return_dict_and_generation_config(model):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, num_samples=8, eos_token_id=None)
+    out = model.generate(torch.tensor([[5, 6, 7, 8]]), generation_config=config, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 9)
+    again = model.generate(inputs=torch.tensor([[5, 6, 7, 8]]), generation_config=config)
+    assert out.sequences.shape == again.shape
+
+
+def test_seeded_generation_is_reproducible(model):
+    kwargs = dict(max_new_tokens=8, temperature=0.5, num_samples=16, eos_token_id=None)
+    torch.manual_seed(3)
+    a = model.generate(torch.tensor([[5, 6, 7, 8]]), **kwargs)
+    torch.manual_seed(3)
+    b = model.generate(torch.tensor([[5, 6, 7, 8]]), **kwargs)
+    assert torch.equal(a, b)
+
+
+def test_saved_generation_config_has_calm_defaults(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    from transformers import GenerationConfig
+
+    saved = GenerationConfig.from_pretrained(tmp_path)
+    assert saved.temperature == 0.5 and saved.num_samples == 200 and saved.do_sample
+    reloaded = type(model).from_pretrained(tmp_path)
+    reloaded.generation_config.num_samples = 7
+    reloaded.save_pretrained(tmp_path / "again")
+    assert GenerationConfig.from_pretrained(tmp_path / "again").num_samples == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(temperature=1.5), r"temperature must be in \(0, 1\]"),
+        (dict(temperature=0.0), r"temperature must be in \(0, 1\]"),
+        (dict(num_samples=0), "num_samples"),
+        (dict(num_beams=2), "num_beams"),
+        (dict(prompt_alignment="middle"), "prompt_alignment"),
+        (dict(foo=1), "foo"),
+    ],
+)
+def test_bad_settings(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, **kwargs)
+
+
+def test_bad_inputs(model):
+    with pytest.raises(ValueError, match=r"unsqueeze\(0\)"):
+        model.generate(torch.tensor([5, 6, 7, 8]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="out of range"):
+        model.generate(torch.tensor([[5, 600]]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(torch.tensor([[5] * 200]), max_new_tokens=100)
+    with pytest.raises(ValueError, match="all zeros"):
+        model.generate(torch.tensor([[5, 6]]), attention_mask=torch.tensor([[0, 0]]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model.generate(max_new_tokens=4)
+
+
+# --- the temperature sampler against a black box with a known distribution ---------------------------------------
+
+CHUNKS = torch.tensor([[1, 1], [2, 2], [3, 3], [4, 4]])
+PROBS = torch.tensor([0.5, 0.25, 0.15, 0.10])
+
+
+def sharpened(temperature: float) -> torch.Tensor:
+    p = PROBS ** (1 / temperature)
+    return p / p.sum()
+
+
+def empirical(temperature: float, pool: int, trials: int = 4000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial(PROBS.expand(trials, -1), pool, replacement=True, generator=g)  # [trials, N]
+    candidates = CHUNKS[draws]  # [trials, N, 2]
+    picked = temperature_sampling(candidates, temperature, generator=g)
+    chosen = draws[torch.arange(trials), picked]
+    return torch.bincount(chosen, minlength=4).float() / trials
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1 / 3, 0.4])
+def test_temperature_sampler_approaches_sharpened_distribution(temperature):
+    target = sharpened(temperature)
+    errors = [(empirical(temperature, pool) - target).abs().max().item() for pool in (4, 32, 256)]
+    assert errors[-1] < 0.03, errors  # consistent: close at large N (4000 trials: ~0.008 std)
+    assert errors[-1] < errors[0], errors  # and closer than with a tiny pool
+
+
+def test_temperature_one_pool_is_unbiased():
+    assert (empirical(1.0, 16) - PROBS).abs().max() < 0.03
+
+
+def test_greedy_pool_picks_most_frequent_first_seen():
+    candidates = torch.tensor([[[1, 1], [2, 2], [2, 2], [1, 1], [3, 3]]])
+    assert temperature_sampling(candidates, 0.5, do_sample=False).item() == 0  # tie 2 vs 2: first seen wins
+    candidates = torch.tensor([[[1, 1], [2, 2], [2, 2], [3, 3]]])
+    assert temperature_sampling(candidates, 1.0, do_sample=False).item() == 1
+
+
+def test_integer_reciprocal_weights_match_binomial():
+    """T = 1/2: one chunk seen 3 times, one twice, one once -> weights C(3,2)=3, C(2,2)=1, 0."""
+    candidates = torch.tensor([[[1], [1], [1], [2], [2], [3]]]).expand(20000, -1, -1)
+    picked = temperature_sampling(candidates, 0.5, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(candidates[torch.arange(20000), picked, 0], minlength=4).float() / 20000
+    assert abs(freq[1].item() - 0.75) < 0.015 and abs(freq[2].item() - 0.25) < 0.015 and freq[3] == 0
+    # No chunk reaches 3 copies at T = 1/3: fall back to m = 2, then m = 1 (uniform over unique chunks).
+    candidates = torch.tensor([[[1], [2], [3], [4]]]).expand(20000, -1, -1)
+    picked = temperature_sampling(candidates, 1 / 3, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(candidates[torch.arange(20000), picked, 0], minlength=5).float() / 20000
+    assert torch.allclose(freq[1:], torch.full((4,), 0.25), atol=0.015)
+    assert math.isclose(freq.sum().item(), 1.0)
+
+
+def test_bfloat16_generation(tmp_path, model):
+    """The bf16 path that runs on GPU, exercised on CPU: the pool is decoded and counted in bf16."""
+    model.save_pretrained(tmp_path)
+    bf16 = type(model).from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    torch.manual_seed(0)
+    out = bf16.generate(
+        torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=9, temperature=0.5, num_samples=32, eos_token_id=None
+    )
+    assert out.shape == (1, 14) and out.dtype == torch.long
