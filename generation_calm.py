@@ -34,7 +34,18 @@ def temperature_sampling(
     """Pick one chunk per row from a pool of sampled chunks so that chunk x is drawn with probability ~ P(x)^(1/T).
 
     candidates: [B, N, K] token ids, N independent draws from the model per row. Returns indices [B] into N.
+    See `sample_from_pool` for the rule.
+    """
+    same = (candidates.unsqueeze(2) == candidates.unsqueeze(1)).all(-1)  # [B, N, N]
+    return sample_from_pool(same, temperature, do_sample, generator)
 
+
+def sample_from_pool(
+    same: torch.Tensor, temperature: float, do_sample: bool = True, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Temperature sampling from a pool given which candidates are the same chunk. Returns indices [B] into N.
+
+    same: [B, N, N] bool, same[b, i, j] when candidates i and j of row b decode to the same chunk.
     With r = 1/T and c(x) the number of copies of x in the pool, unique chunks are weighted by the (generalised)
     binomial coefficient C(c, r') for the largest r' = r - j (j = 0, 1, ...) that some chunk reaches (c >= r').
     For T = 1/n this is exactly the authors' batch algorithm (m = n, n-1, ..., 1; E[C(c, n)] is proportional to
@@ -43,13 +54,11 @@ def temperature_sampling(
     """
     if not 0.0 < temperature <= 1.0:
         raise ValueError(f"temperature must be in (0, 1] for CALM, got {temperature}.")
-    batch_size, num_candidates, _ = candidates.shape
-    same = (candidates.unsqueeze(2) == candidates.unsqueeze(1)).all(-1)  # [B, N, N]
     counts = same.sum(-1)  # [B, N]: copies of each candidate's chunk in the pool
     if not do_sample:
         return counts.argmax(-1)  # argmax returns the first maximum: the first-seen of the most frequent chunks
-    arange = torch.arange(num_candidates, device=candidates.device)
-    first_seen = same.float().argmax(-1) == arange  # [B, N]: one representative per unique chunk
+    arange = torch.arange(same.shape[-1], device=same.device)
+    first_seen = same.to(torch.uint8).argmax(-1) == arange  # [B, N]: one representative per unique chunk
 
     r = 1.0 / temperature
     if abs(r - round(r)) < 1e-6:
@@ -63,6 +72,29 @@ def temperature_sampling(
     log_weight = log_weight.masked_fill(~eligible, float("-inf"))
     probs = torch.softmax(log_weight, dim=-1).to(torch.float32)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def identical_chunks(states: torch.Tensor, argmax_tokens: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Which candidates decode to the same chunk, projecting as few decoder states onto the vocabulary as possible.
+
+    states: [B, N, K, a] decoder states of N candidate chunks; argmax_tokens: states [n, a] -> token ids [n].
+    Returns same [B, N, N] bool, exactly `(tokens_i == tokens_j).all()` of the fully decoded chunks.
+
+    Position by position: a candidate whose prefix is already unique in its row is a chunk of its own (count 1)
+    whatever its later tokens are, so only candidates that share their prefix with another need the next
+    position. With diverse candidates most of the pool is settled after the first token. (The vocabulary
+    projection, V x a per position, is ~95% of a candidate decode.)
+    """
+    batch_size, num_candidates, patch_size, _ = states.shape
+    same = torch.ones(batch_size, num_candidates, num_candidates, dtype=torch.bool, device=states.device)
+    for position in range(patch_size):
+        shared = same.sum(-1) >= 2  # [B, N]: prefix seen elsewhere in the row
+        if position > 0 and not bool(shared.any()):
+            break
+        tokens = torch.full((batch_size, num_candidates), -1, dtype=torch.long, device=states.device)
+        tokens[shared] = argmax_tokens(states[:, :, position][shared])
+        same &= tokens.unsqueeze(2) == tokens.unsqueeze(1)  # a settled candidate (-1) only keeps itself
+    return same
 
 
 def align_prompts(
@@ -281,11 +313,19 @@ class CALMGenerationMixin(GenerationMixin):
             )
             noise = noise_sampler(shape, hidden.device, hidden.dtype).reshape(batch_size, pool_size, -1)
         latents = self.generative_head.sample(hidden, noise, generator=generator)  # [B, N, l]
-        candidates = self.ae_model.decode_tokens(latents.unsqueeze(2)).reshape(batch_size, pool_size, -1)  # [B, N, K]
-        if pool_size == 1:
-            return candidates[:, 0]
-        choice = temperature_sampling(candidates, temperature, do_sample, generator)
-        return candidates[torch.arange(batch_size, device=hidden.device), choice]
+        states = self.ae_model.decoder(latents.unsqueeze(2))  # [B, N, K, a]: cheap next to the projection
+        if pool_size > 1:
+            same = identical_chunks(states, self.ae_model.argmax_tokens)
+            choice = sample_from_pool(same, temperature, do_sample, generator)  # [B]
+            states = states[torch.arange(batch_size, device=states.device), choice].unsqueeze(1)
+        return self.ae_model.argmax_tokens(states[:, 0])  # [B, K]: only the chosen chunk is decoded in full
 
 
-__all__ = ["CALMGenerationMixin", "temperature_sampling", "align_prompts", "CALM_GENERATION_DEFAULTS"]
+__all__ = [
+    "CALM_GENERATION_DEFAULTS",
+    "CALMGenerationMixin",
+    "align_prompts",
+    "identical_chunks",
+    "sample_from_pool",
+    "temperature_sampling",
+]

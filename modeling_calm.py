@@ -327,14 +327,20 @@ class CALMAutoencoder(CALMPreTrainedModel):
         self._check_latents(latents)
         return F.linear(self.decoder(latents), self.encoder.embed_tokens.weight)
 
-    def decode_tokens(self, latents: torch.Tensor, max_positions_per_matmul: int = 4096) -> torch.Tensor:
+    def decode_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [*, P, latent_size] -> argmax token ids [*, P*K], without materialising all logits at once."""
         self._check_latents(latents)
-        hidden = self.decoder(latents)  # [*, P*K, a]
+        return self.argmax_tokens(self.decoder(latents))
+
+    def argmax_tokens(self, hidden: torch.Tensor, rows_per_matmul: int = 256) -> torch.Tensor:
+        """Decoder states [*, a] -> argmax token ids [*], projecting `rows_per_matmul` states at a time.
+
+        Bounds the logits buffer to rows_per_matmul x vocab_size (64 MiB in bf16 for the Llama 3 vocabulary).
+        """
         flat = hidden.reshape(-1, hidden.shape[-1])
         weight = self.encoder.embed_tokens.weight
-        ids = [F.linear(part, weight).argmax(-1) for part in flat.split(max_positions_per_matmul)]
-        return torch.cat(ids).reshape(hidden.shape[:-1])
+        ids = [F.linear(part, weight).argmax(-1) for part in flat.split(rows_per_matmul)]
+        return torch.cat(ids).reshape(hidden.shape[:-1]) if ids else flat.new_zeros(hidden.shape[:-1], dtype=torch.long)
 
     def _check_latents(self, latents: torch.Tensor) -> None:
         if latents.dim() < 2 or latents.shape[-1] != self.config.latent_size:

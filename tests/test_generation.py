@@ -332,3 +332,44 @@ def test_bfloat16_generation(tmp_path, model):
         torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=9, temperature=0.5, num_samples=32, eos_token_id=None
     )
     assert out.shape == (1, 14) and out.dtype == torch.long
+
+
+# --- the fast candidate decode is exact ----------------------------------------------------------------------------
+
+
+def test_identical_chunks_matches_full_decode():
+    from calm_transformers.generation_calm import identical_chunks
+
+    torch.manual_seed(0)
+    weight = torch.randn(7, 5)  # a 7-token vocabulary: many shared prefixes and duplicate chunks
+
+    def argmax_tokens(states):
+        return torch.nn.functional.linear(states, weight).argmax(-1)
+
+    projected = []
+
+    def counting(states):
+        projected.append(states.shape[0])
+        return argmax_tokens(states)
+
+    states = torch.randn(3, 40, 4, 5)
+    states[:, 5:10] = states[:, :1]  # exact duplicates
+    tokens = argmax_tokens(states)  # [3, 40, 4]
+    expected = (tokens.unsqueeze(2) == tokens.unsqueeze(1)).all(-1)
+    assert torch.equal(identical_chunks(states, counting), expected)
+    assert sum(projected) < 3 * 40 * 4  # and it projected fewer states than the full decode
+
+
+@pytest.mark.parametrize("temperature,do_sample", [(0.5, True), (1 / 3, True), (0.4, True), (0.5, False)])
+def test_fast_pool_decode_equals_plain_path(model, temperature, do_sample):
+    """Same draws, same tokens: the prefix-group decode against decoding every candidate in full."""
+    hidden = torch.randn(3, model.config.hidden_size)
+    noise = torch.rand(3, 64, model.config.noise_size) - 0.5
+    fast = model._next_chunk(
+        hidden, 64, temperature, do_sample, torch.Generator().manual_seed(5), lambda shape, device, dtype: noise
+    )
+    with torch.no_grad():
+        latents = model.generative_head.sample(hidden.unsqueeze(1).expand(3, 64, -1), noise)
+        candidates = model.ae_model.decode_tokens(latents.unsqueeze(2))  # [3, 64, K]
+    choice = temperature_sampling(candidates, temperature, do_sample, torch.Generator().manual_seed(5))
+    assert torch.equal(fast, candidates[torch.arange(3), choice])

@@ -23,7 +23,9 @@ def test_autoencoder_encode(fixture_model, reference):
 def test_autoencoder_decode(fixture_model, reference):
     logits = fixture_model.ae_model.decode(reference["ae_mean"])
     assert max_diff(logits, reference["ae_logits_at_mean"]) < TOL
-    tokens = fixture_model.ae_model.decode_tokens(reference["ae_mean"], max_positions_per_matmul=7)
+    tokens = fixture_model.ae_model.argmax_tokens(
+        fixture_model.ae_model.decoder(reference["ae_mean"]), rows_per_matmul=7
+    )
     assert torch.equal(tokens, reference["ae_logits_at_mean"].argmax(-1))
 
 
