@@ -1,0 +1,362 @@
+"""Side-by-side generation speed: this project's CALM `generate`, transformers' Llama `generate` on the same
+backbone, and a faithful re-implementation of the authors' generation step, in one run with interleaved repeats.
+
+    python benchmarks/benchmark_generation.py                       # CALM-M shapes, CPU, bf16 + fp32, batch 1 + 8
+    python benchmarks/benchmark_generation.py --device cuda --dtypes bfloat16 --compile
+    python benchmarks/benchmark_generation.py --shape tiny --repeats 2   # seconds, to check the script
+
+Reports medians of new tokens/s and ms per step, peak memory above the loaded weights, and a warning where the
+spread of the repeats is large (shared machines are noisy). Writes JSON (--output) and a PNG plot (--plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # the repository root as a package
+
+try:
+    from calm_transformers import CALMAutoencoderConfig, CALMConfig, CALMForCausalLM
+except ImportError:  # a checkout whose folder is not named calm_transformers
+    import importlib
+
+    pkg = importlib.import_module(Path(__file__).resolve().parent.parent.name)
+    CALMAutoencoderConfig, CALMConfig, CALMForCausalLM = pkg.CALMAutoencoderConfig, pkg.CALMConfig, pkg.CALMForCausalLM
+
+SHAPES = {
+    # spec section 1: CALM-M with the released autoencoder (vocabulary 128257)
+    "calm-m": dict(
+        hidden_size=1024,
+        intermediate_size=2752,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        ae_hidden=512,
+        ae_intermediate=1280,
+        vocab_size=128257,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ae_hidden=64,
+        ae_intermediate=160,
+        vocab_size=4096,
+    ),
+}
+
+
+def build_models(shape: str, dtype: torch.dtype, device: str) -> tuple[CALMForCausalLM, torch.nn.Module]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPES[shape]
+    vocab = s["vocab_size"]
+    ae = CALMAutoencoderConfig(
+        vocab_size=vocab,
+        hidden_size=s["ae_hidden"],
+        intermediate_size=s["ae_intermediate"],
+        latent_size=128,
+        patch_size=4,
+        pad_token_id=vocab - 1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    config = CALMConfig(
+        vocab_size=vocab,
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"],
+        latent_size=128,
+        noise_size=64,
+        num_mlp_layers=4,
+        patch_size=4,
+        autoencoder_config=ae,
+        pad_token_id=vocab - 1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    calm = CALMForCausalLM(config)
+    with torch.no_grad():  # random weights: make the head's output depend on the noise (it is zero-initialised)
+        calm.generative_head.final_layer.linears[-1].weight.normal_(0, 0.02)
+    calm = calm.to(device=device, dtype=dtype).eval()
+    llama_config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"],
+        max_position_embeddings=8192,
+        pad_token_id=vocab - 1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    llama = LlamaForCausalLM(llama_config).to(device=device, dtype=dtype).eval()
+    return calm, llama
+
+
+@torch.no_grad()
+def authors_generate(
+    model: CALMForCausalLM,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    num_samples: int,
+    noise: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The reference loop (spec section 4): full decoder logits for every sample, counting by a Python loop."""
+    k = model.config.patch_size
+    batch = prompt.shape[0]
+    ids = prompt
+    embeds = model.embed_chunks(ids)
+    cache = None
+    steps = math.ceil(max_new_tokens / k)
+    for step in range(steps):
+        hidden, cache, _ = model.backbone(embeds, past_key_values=cache, use_cache=True)
+        hidden = hidden[:, -1]
+        if temperature == 1.0:
+            step_noise = noise[step] if noise is not None else None
+            latents = model.generative_head.sample(hidden, step_noise)  # [B, l]
+            chunk = model.ae_model.decode(latents.unsqueeze(1)).argmax(-1)  # full logits [B, K, V]
+        else:
+            n = round(1 / temperature)
+            latents = model.generative_head.sample(hidden.unsqueeze(1).expand(batch, num_samples, -1))
+            tokens = model.ae_model.decode(latents.reshape(batch * num_samples, 1, -1)).argmax(-1)  # [B*N, K]
+            tokens = tokens.reshape(batch, num_samples, k).tolist()
+            chosen = []
+            for row in tokens:  # the authors' per-row Python counting
+                counts = Counter(tuple(c) for c in row)
+                for m in range(n, 0, -1):
+                    candidates = [(c, math.comb(cnt, m)) for c, cnt in counts.items() if cnt >= m]
+                    if candidates:
+                        weights = torch.tensor([w for _, w in candidates], dtype=torch.float64)
+                        chosen.append(candidates[int(torch.multinomial(weights, 1))][0])
+                        break
+            chunk = torch.tensor(chosen, device=prompt.device)
+        ids = torch.cat([ids, chunk], dim=-1)
+        embeds = model.embed_chunks(chunk)
+    return ids[:, : prompt.shape[1] + max_new_tokens]
+
+
+class PeakMemory:
+    """Peak memory above the starting point: CUDA's allocator counter, or the process RSS sampled every 2 ms."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self.process = psutil.Process()
+            self.base = self.peak = self.process.memory_info().rss
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+        self.extra_mib = (self.peak - self.base) / 2**20
+
+
+def run_once(kind: str, calm, llama, prompt, max_new_tokens, temperature, num_samples, device) -> dict:
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        if kind == "calm":
+            out = calm.generate(
+                prompt,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                num_samples=num_samples,
+                eos_token_id=None,
+            )
+        elif kind == "authors":
+            out = authors_generate(calm, prompt, max_new_tokens, temperature, num_samples)
+        else:
+            out = llama.generate(
+                prompt,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=llama.config.pad_token_id,
+            )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    new = (out.shape[1] - prompt.shape[1]) * out.shape[0]
+    steps = math.ceil(max_new_tokens / calm.config.patch_size) if kind != "llama" else max_new_tokens
+    return {"tokens_per_s": new / seconds, "ms_per_step": 1000 * seconds / steps, "peak_mib": memory.extra_mib}
+
+
+def check_same_tokens(calm, prompt) -> bool:
+    """At T = 1 with the same head draws, the authors' loop and ours must give the same tokens."""
+    steps = 3
+    noise = [
+        torch.rand(prompt.shape[0], calm.config.noise_size, generator=torch.Generator().manual_seed(s)).to(
+            prompt.device, calm.dtype
+        )
+        - 0.5
+        for s in range(steps)
+    ]
+    it = iter(noise)
+    ours = calm.generate(
+        prompt,
+        max_new_tokens=4 * steps,
+        do_sample=True,
+        temperature=1.0,
+        eos_token_id=None,
+        noise_sampler=lambda shape, device, dtype: next(it),
+    )
+    theirs = authors_generate(calm, prompt, 4 * steps, 1.0, 1, noise)
+    return torch.equal(ours, theirs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="calm-m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--temperatures", nargs="+", type=float, default=[1.0, 0.5])
+    parser.add_argument("--num-samples", type=int, default=200)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", nargs="*", default=[], help="columns to leave out: calm, llama, authors")
+    parser.add_argument("--output", default="benchmarks/results.json")
+    parser.add_argument("--plot", default="benchmarks/results.png")
+    args = parser.parse_args(argv)
+
+    results = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        calm, llama = build_models(args.shape, dtype, args.device)
+        print(
+            f"# {args.shape} {dtype_name} on {args.device}: same tokens as the authors' loop at T=1: "
+            f"{check_same_tokens(calm, torch.randint(2, 1000, (2, 8), device=args.device))}",
+            flush=True,
+        )
+        cases = [
+            (kind, b, t)
+            for b in args.batch_sizes
+            for kind in ("llama", "calm", "authors")
+            for t in ((None,) if kind == "llama" else args.temperatures)
+            if kind not in args.skip
+        ]
+        samples = {case: [] for case in cases}
+        prompts = {b: torch.randint(2, 1000, (b, args.prompt_length), device=args.device) for b in args.batch_sizes}
+        for case in cases:  # warm-up
+            run_once(case[0], calm, llama, prompts[case[1]], 4, case[2] or 1.0, args.num_samples, args.device)
+        for _ in range(args.repeats):  # interleaved: every case once per round
+            for case in cases:
+                kind, batch, temperature = case
+                samples[case].append(
+                    run_once(
+                        kind,
+                        calm,
+                        llama,
+                        prompts[batch],
+                        args.max_new_tokens,
+                        temperature or 1.0,
+                        args.num_samples,
+                        args.device,
+                    )
+                )
+        for (kind, batch, temperature), runs in samples.items():
+            rates = [r["tokens_per_s"] for r in runs]
+            median = statistics.median(rates)
+            spread = (max(rates) - min(rates)) / median if median else 0.0
+            results.append(
+                {
+                    "model": kind,
+                    "dtype": dtype_name,
+                    "batch": batch,
+                    "temperature": temperature,
+                    "num_samples": args.num_samples if temperature not in (None, 1.0) else None,
+                    "tokens_per_s": median,
+                    "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
+                    "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+                    "spread": spread,
+                    "runs": rates,
+                }
+            )
+        del calm, llama
+
+    print(f"\n{'model':8} {'dtype':9} {'batch':>5} {'T':>5} {'tok/s':>9} {'ms/step':>9} {'peak MiB':>9}  spread")
+    for r in results:
+        t = "-" if r["temperature"] is None else f"{r['temperature']:g}"
+        warn = "  <- noisy (>20%)" if r["spread"] > 0.2 else ""
+        print(
+            f"{r['model']:8} {r['dtype']:9} {r['batch']:>5} {t:>5} {r['tokens_per_s']:>9.1f} "
+            f"{r['ms_per_step']:>9.1f} {r['peak_mib']:>9.0f}  {r['spread']:.0%}{warn}"
+        )
+    meta = {
+        "shape": args.shape,
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "max_new_tokens": args.max_new_tokens,
+        "prompt_length": args.prompt_length,
+        "repeats": args.repeats,
+    }
+    Path(args.output).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    if args.plot:
+        plot(results, args.plot, meta)
+    return 0
+
+
+def plot(results: list[dict], path: str, meta: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return
+    labels, values, colors = [], [], []
+    palette = {"llama": "tab:gray", "calm": "tab:blue", "authors": "tab:orange"}
+    for r in results:
+        t = "" if r["temperature"] is None else f" T={r['temperature']:g}"
+        labels.append(f"{r['model']}{t}\n{r['dtype'][:4]} b{r['batch']}")
+        values.append(r["tokens_per_s"])
+        colors.append(palette[r["model"]])
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(values)), 4))
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("new tokens / s (median)")
+    ax.set_title(f"{meta['shape']} generation on {meta['device']} ({meta['threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
