@@ -17,6 +17,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from calm_transformers import CALMAutoencoderConfig, CALMConfig, CALMForCausalLM  # noqa: E402
 
+PARITY: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the measured parity figures (max abs diff against the authors' outputs) after the run."""
+    if PARITY:
+        terminalreporter.write_line(
+            "parity with the reference (max abs diff): "
+            + ", ".join(f"{name} {value:.2e}" for name, value in PARITY.items())
+        )
+
 
 def require_shared(path: Path = FIXTURE) -> Path:
     """Fail loudly (never pass silently) when a test needs ../shared and it is not there."""

@@ -5,24 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 from calm_transformers.modeling_calm import brier_scores
+from conftest import PARITY
 
 TOL = 1e-5
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def max_diff(a: torch.Tensor, b: torch.Tensor, name: str | None = None) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
+    diff = (a.float() - b.float()).abs().max().item()
+    if name is not None:
+        PARITY[name] = diff
+    return diff
 
 
 def test_autoencoder_encode(fixture_model, reference):
     mean, log_std = fixture_model.ae_model.encode(reference["input_ids"])
-    assert max_diff(mean, reference["ae_mean"]) < TOL
-    assert max_diff(log_std, reference["ae_log_std"]) < TOL
+    assert max_diff(mean, reference["ae_mean"], "ae_mean") < TOL
+    assert max_diff(log_std, reference["ae_log_std"], "ae_log_std") < TOL
 
 
 def test_autoencoder_decode(fixture_model, reference):
     logits = fixture_model.ae_model.decode(reference["ae_mean"])
-    assert max_diff(logits, reference["ae_logits_at_mean"]) < TOL
+    assert max_diff(logits, reference["ae_logits_at_mean"], "ae_logits_at_mean") < TOL
     tokens = fixture_model.ae_model.argmax_tokens(
         fixture_model.ae_model.decoder(reference["ae_mean"]), rows_per_matmul=7
     )
@@ -32,7 +36,7 @@ def test_autoencoder_decode(fixture_model, reference):
 def test_backbone_hidden_states(fixture_model, reference):
     with torch.no_grad():
         out = fixture_model(reference["input_ids"], output_hidden_states=True)
-    assert max_diff(out.last_hidden_state, reference["lm_hidden"]) < TOL
+    assert max_diff(out.last_hidden_state, reference["lm_hidden"], "lm_hidden") < TOL
     assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
 
 
@@ -40,7 +44,7 @@ def test_head_samples(fixture_model, reference):
     hidden = reference["lm_hidden"].unsqueeze(0).repeat(3, 1, 1, 1)
     with torch.no_grad():
         out = fixture_model.generative_head.sample(hidden, noise=reference["head_noise"] - 0.5)
-    assert max_diff(out, reference["head_out"]) < TOL
+    assert max_diff(out, reference["head_out"], "head_out") < TOL
 
 
 def test_training_energy_loss(fixture_model, reference):
@@ -55,7 +59,7 @@ def test_training_energy_loss(fixture_model, reference):
     finally:
         fixture_model.eval()
     assert out.brier_scores is None
-    assert abs(out.loss.item() - reference["loss"].item()) < 2e-5  # |loss| ~ 51: float32 rounding
+    assert max_diff(out.loss, reference["loss"], "loss") < 2e-5  # |loss| ~ 51: float32 rounding
     out.loss.backward()
     grads = [p.grad for p in fixture_model.generative_head.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -71,8 +75,8 @@ def test_eval_loss_and_brier(fixture_model, reference):
             head_noise=reference["eval_rand"][0] - 0.5,
             target_noise=reference["eval_randn"][0],
         )
-    assert abs(out.loss.item() - reference["eval_loss"].item()) < 2e-5
-    assert max_diff(out.brier_scores, reference["eval_brier"]) < TOL
+    assert max_diff(out.loss, reference["eval_loss"], "eval_loss") < 2e-5
+    assert max_diff(out.brier_scores, reference["eval_brier"], "eval_brier") < TOL
 
 
 def test_brier_estimator(fixture_model, reference):
@@ -80,7 +84,7 @@ def test_brier_estimator(fixture_model, reference):
     k = fixture_model.config.patch_size
     a, b = (t.reshape(-1, k) for t in tokens)
     targets = reference["brier_targets"].reshape(-1, k)
-    assert max_diff(brier_scores(a, b, targets), reference["brier_expected"]) < TOL
+    assert max_diff(brier_scores(a, b, targets), reference["brier_expected"], "brier_expected") < TOL
 
 
 def test_generation_replays_reference(fixture_model, reference):
