@@ -326,7 +326,8 @@ def test_integer_reciprocal_weights_match_binomial():
 def test_bfloat16_generation(tmp_path, model):
     """The bf16 path that runs on GPU, exercised on CPU: the pool is decoded and counted in bf16."""
     model.save_pretrained(tmp_path)
-    bf16 = type(model).from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    bf16 = type(model).from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="auto").eval()
+    assert bf16.dtype == torch.bfloat16
     torch.manual_seed(0)
     out = bf16.generate(
         torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=9, temperature=0.5, num_samples=32, eos_token_id=None
