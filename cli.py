@@ -12,10 +12,7 @@ from pathlib import Path
 
 import torch
 
-try:
-    from .modeling_calm import CALMForCausalLM
-except ImportError:  # run as a script from the repository root
-    from modeling_calm import CALMForCausalLM
+from .modeling_calm import CALMForCausalLM
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "calm_tiny_wikitext"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
