@@ -1,0 +1,407 @@
+"""BrierLM: likelihood-free evaluation of CALM and of any causal LM of transformers on the same text (spec section 5).
+
+The Brier score of a predictive distribution P for the outcome y is `2 P(y) - sum_x P(x)^2` (higher is better, at
+most 1). Brier-n scores the n-gram of the next n tokens (n = 1..4); BrierLM = 100 x the geometric mean of
+Brier-1..4, the product clamped at 0 before the 4th root.
+
+Two estimators, both unbiased and following the authors' code:
+
+- CALM (`estimator: "calm"`): the model has no probabilities, only a sampler. At every chunk start, two independent
+  samples x1, x2 of the next 4 tokens give `1{x1 = y} + 1{x2 = y} - 1{x1 = x2}` (`CALMForCausalLM.forward` in eval
+  mode; for K < 4 it rolls the samples forward to cover 4 tokens).
+- Any other causal LM (`estimator: "discrete"`): at every position t (predicting token t + 1), `P(y)` is exact, the
+  product of the softmax probabilities of the true next n tokens (teacher forcing), and the collision term
+  `sum_x P(x)^2` is estimated by `1{x1 = x2}` for two independent n-grams x1, x2 sampled from the model given the
+  true prefix. The first tokens of x1 and x2 are two draws from the teacher-forced softmax at t. Where they agree,
+  the two samples share their prefix, so one roll-out row serves both: it feeds the common token and draws the two
+  next tokens from the model's next softmax, and so on up to 4 tokens. Where they differ, the indicator is 0 for
+  every longer n-gram and the row stops (no estimate changes; most of the roll-out work is saved). The rows of a
+  block run side by side as extra queries on the KV cache of its teacher-forced pass, with a custom 4D attention
+  mask (row t sees tokens 0..t and its own roll-out tokens) and position ids t + 1, t + 2, ...: the cache is shared,
+  never copied, and a roll-out costs about (1 + 3 x the first-token agreement rate) teacher-forced passes. This
+  needs a model whose attention honours custom 4D masks (`attn_implementation` "sdpa" or "eager": Llama, Mistral,
+  Qwen, GPT-2 and most causal LMs of transformers).
+
+Scores are position-weighted means over the whole dataset (sums and counts accumulated over batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+if __package__:  # imported as calm_transformers.evaluate_calm
+    from .configuration_calm import CALMConfig
+    from .modeling_calm import BRIER_MAX_N, CALMForCausalLM
+else:  # run as `python evaluate_calm.py`: import the folder this file is in as the package it is
+    import importlib.util
+
+    _root = Path(__file__).resolve().parent
+    _spec = importlib.util.spec_from_file_location(
+        "calm_transformers", _root / "__init__.py", submodule_search_locations=[str(_root)]
+    )
+    sys.modules["calm_transformers"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["calm_transformers"])
+    from calm_transformers.configuration_calm import CALMConfig
+    from calm_transformers.modeling_calm import BRIER_MAX_N, CALMForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parent
+# The WikiText-103 test documents (62, one {"text": ...} per line): the validation text of the paper's BrierLM.
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "wikitext_document_level-test.json"
+
+
+def load_documents(path: str | Path, text_field: str = "text") -> list[str]:
+    """Documents of a data file: `.jsonl` / `.json` with one JSON object per line (or one JSON list of objects or
+    strings), the text under `text_field`; any other file (e.g. `.txt`) is read as a single document."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist.")
+    content = path.read_text(encoding="utf-8")
+    if path.suffix not in (".json", ".jsonl"):
+        return [content]
+    stripped = content.lstrip()
+    records = json.loads(stripped) if stripped.startswith("[") else [
+        json.loads(line) for line in content.splitlines() if line.strip()
+    ]
+    documents = []
+    for number, record in enumerate(records, start=1):
+        if isinstance(record, str):
+            documents.append(record)
+        elif isinstance(record, dict) and isinstance(record.get(text_field), str):
+            documents.append(record[text_field])
+        else:
+            raise ValueError(
+                f"{path}: record {number} has no string field {text_field!r} (keys: "
+                f"{sorted(record) if isinstance(record, dict) else type(record).__name__}); pass the right field name "
+                "(--text-field)."
+            )
+    return documents
+
+
+def pack_documents(tokenizer, documents: list[str], block_size: int, add_bos: bool = True) -> torch.LongTensor:
+    """Tokenize each document as `BOS + text` (no EOS, as for the LM's training data), concatenate them and cut the
+    stream into full blocks of `block_size` tokens (the incomplete tail is dropped). Returns [n_blocks, block_size].
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2 (one prediction needs 2 tokens), got {block_size}.")
+    bos = tokenizer.bos_token_id
+    if add_bos and bos is None:
+        raise ValueError("the tokenizer has no BOS token (bos_token_id is None): set one, or pass add_bos=False.")
+    stream: list[int] = []
+    # `verbose=False`: documents are longer than the tokenizer's model_max_length, which is harmless here.
+    for ids in tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]:
+        stream.extend(([bos] if add_bos else []) + ids)
+    num_blocks = len(stream) // block_size
+    if num_blocks == 0:
+        raise ValueError(
+            f"the documents hold {len(stream)} tokens, fewer than one block of {block_size}: use a smaller block size "
+            "or more documents."
+        )
+    return torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).reshape(num_blocks, block_size)
+
+
+def brierlm(brier: Sequence[float]) -> float:
+    """100 x the geometric mean of Brier-1..4, the product clamped at 0 before the 4th root (as the authors do).
+
+    Only meaningful when every Brier-n is positive: an even number of negative scores gives a positive product.
+    """
+    return 100 * max(math.prod(brier), 0.0) ** (1 / len(brier))
+
+
+def is_calm_model(model: torch.nn.Module) -> bool:
+    """CALM models sample chunks through a generative head (duck-typed, so that remote-code classes count too)."""
+    return hasattr(model, "generative_head")
+
+
+def evaluate_brierlm(
+    model: torch.nn.Module,
+    blocks: torch.LongTensor,
+    batch_size: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    rollout_batch_size: int = 256,
+) -> dict:
+    """Brier-1..4 and BrierLM of `model` on `blocks` [n_blocks, block_size] (see the module docstring).
+
+    Runs on the model's device and dtype, in eval mode and without gradients; the model's training mode and the
+    global random state are restored afterwards (so that it can run inside a training loop). Results depend on
+    `seed` and `batch_size` (they set the random draws). `rollout_batch_size` caps the roll-out rows per forward
+    pass of the discrete estimator, per block (its attention mask is [batch, rows, block_size + 3 rows]).
+    """
+    if blocks.dim() != 2 or blocks.dtype != torch.long:
+        raise ValueError(f"blocks must be a LongTensor [n_blocks, block_size], got {blocks.dtype} {blocks.shape}.")
+    if batch_size < 1 or rollout_batch_size < 1:
+        raise ValueError(f"batch_size and rollout_batch_size must be positive, got {batch_size}, {rollout_batch_size}.")
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if blocks.numel() and (blocks.min() < 0 or blocks.max() >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}), got [{int(blocks.min())}, {int(blocks.max())}]: the tokenizer "
+            "does not match the model."
+        )
+    calm = is_calm_model(model)
+    patch_size = model.config.patch_size if calm else 1
+    if blocks.shape[1] % patch_size:
+        raise ValueError(f"block_size {blocks.shape[1]} must be a multiple of the model's patch_size={patch_size}.")
+    if min(_positions_per_block(blocks.shape[1], patch_size)) < 1:
+        raise ValueError(f"block_size {blocks.shape[1]} is too short to hold a single {BRIER_MAX_N}-gram target.")
+
+    device = next(model.parameters()).device
+    sums = torch.zeros(BRIER_MAX_N, dtype=torch.float64)
+    counts = torch.zeros(BRIER_MAX_N, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    fork_devices = [device] if device.type != "cpu" else []
+    try:
+        with torch.random.fork_rng(fork_devices, device_type=device.type if fork_devices else "cuda"), torch.no_grad():
+            torch.manual_seed(seed)
+            for batch in tqdm(blocks.split(batch_size), desc="BrierLM", unit="batch", disable=not progress):
+                batch = batch.to(device)
+                batch_sums, batch_counts = (
+                    _calm_brier_sums(model, batch) if calm else _discrete_brier_sums(model, batch, rollout_batch_size)
+                )
+                sums += batch_sums
+                counts += batch_counts
+    finally:
+        model.train(was_training)
+
+    brier = (sums / counts).tolist()
+    return {
+        "brier": brier,
+        "brierlm": brierlm(brier),
+        "estimator": "calm" if calm else "discrete",
+        "num_positions": int(counts[0]),
+        "num_positions_per_n": counts.tolist(),
+        "num_blocks": blocks.shape[0],
+        "block_size": blocks.shape[1],
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+
+
+def _positions_per_block(block_size: int, patch_size: int) -> list[int]:
+    """How many positions of one block score Brier-1..4: those whose next n tokens lie in the block.
+
+    The positions are the chunk starts 1..P-1 (every token, P = block_size, for patch_size 1); the n-gram after chunk
+    start p is complete for p <= P - ceil(n / K): P - ceil(n / K) positions (all P - 1 of them when K >= 4).
+    """
+    num_chunks = block_size // patch_size
+    return [max(num_chunks - math.ceil(n / patch_size), 0) for n in range(1, BRIER_MAX_N + 1)]
+
+
+def _calm_brier_sums(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and counts of Brier-1..4 over the batch's positions, from the model's own eval-mode `brier_scores`."""
+    brier = model(input_ids=batch, labels=batch).brier_scores  # [4], means over the batch's positions
+    counts = batch.shape[0] * torch.tensor(_positions_per_block(batch.shape[1], model.config.patch_size))
+    return brier.double().cpu() * counts, counts
+
+
+def _discrete_brier_sums(
+    model: torch.nn.Module, batch: torch.Tensor, rollout_batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and counts of Brier-1..4 over every position of the batch: exact P(y), sampled collision term."""
+    batch_size, length = batch.shape
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in (None, "eager", "sdpa"):
+        raise ValueError(
+            "the discrete estimator's roll-out uses a custom 4D attention mask, which "
+            f"attn_implementation={attention!r} ignores: load the model with attn_implementation='sdpa' (or 'eager')."
+        )
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    outputs = model(input_ids=batch, use_cache=True)
+    cache = _output_cache(outputs)
+    if cache.get_seq_length() != length:
+        raise ValueError(
+            f"the model's KV cache holds {cache.get_seq_length()} of {length} positions (a sliding-window cache?); "
+            "the discrete estimator needs the full cache of a block: use a block size within the window."
+        )
+    true_logp, first_pair = _score_and_sample(outputs.logits[:, :-1], batch[:, 1:])  # [B, T-1], [B, T-1, 2]
+    del outputs
+
+    sums = torch.zeros(BRIER_MAX_N, dtype=torch.float64)
+    counts = batch_size * torch.tensor(_positions_per_block(length, 1))
+    for n in range(1, BRIER_MAX_N + 1):
+        # Position t's n-gram is tokens t+1..t+n, complete for t <= T-1-n: T-n windows of n log-probs.
+        sums[n - 1] += 2 * true_logp.unfold(1, n, 1).sum(-1).exp().sum().item()
+    agree = first_pair[..., 0] == first_pair[..., 1]  # [B, T-1]
+    sums[0] -= agree.sum().item()
+
+    # Roll out the positions whose two samples agree and whose 2-gram is complete (t <= T-3): per block, its rows
+    # side by side as extra queries on the block's own KV cache (shared, never copied), with a custom 4D mask.
+    rollout = agree & (torch.arange(length - 1, device=batch.device) <= length - 3)
+    num_rows = int(rollout.sum(1).max())
+    rows_b, rows_t = rollout.nonzero(as_tuple=True)
+    row_index = (rollout.long().cumsum(1) - 1)[rows_b, rows_t]  # the row's column among its block's rows
+    # [B, R]: the position of each row; padding rows (blocks with fewer rows) read position 0 and count for nothing.
+    row_t = torch.zeros(batch_size, num_rows, dtype=torch.long, device=batch.device)
+    row_t[rows_b, row_index] = rows_t
+    row_alive = torch.zeros_like(row_t, dtype=torch.bool)
+    row_alive[rows_b, row_index] = True
+    mask_dtype = model.get_input_embeddings().weight.dtype
+    for start in range(0, num_rows, rollout_batch_size):
+        t = row_t[:, start : start + rollout_batch_size]  # [B, r]
+        alive = row_alive[:, start : start + rollout_batch_size]
+        tokens = first_pair[..., 0].gather(1, t)  # the shared first sampled token, at position t + 1
+        r = t.shape[1]
+        # Row t sees the block's tokens 0..t, then its own roll-out tokens (appended r at a time per step).
+        visible = torch.arange(length, device=batch.device) <= t[..., None]  # [B, r, T]
+        own = torch.eye(r, dtype=torch.bool, device=batch.device).expand(batch_size, r, r)
+        for n in range(2, BRIER_MAX_N + 1):
+            visible = torch.cat([visible, own], dim=-1)
+            mask = torch.zeros(visible.shape, dtype=mask_dtype, device=batch.device)
+            mask = mask.masked_fill(~visible, torch.finfo(mask_dtype).min)[:, None]  # additive: eager and SDPA alike
+            step = model(
+                input_ids=tokens,
+                attention_mask=mask,
+                # Rows that stopped may run past the block; clamped, as their draws are ignored.
+                position_ids=(t + n - 1).clamp(max=length - 1),
+                use_cache=True,
+                **{cache_kwarg: cache},
+            )
+            cache = _output_cache(step)
+            pair = torch.multinomial(step.logits.flatten(0, 1).float().softmax(-1), 2, replacement=True)
+            pair = pair.view(batch_size, r, 2)
+            alive = alive & (pair[..., 0] == pair[..., 1])
+            sums[n - 1] -= alive.sum().item()
+            alive = alive & (t + n + 1 <= length - 1)  # still agreeing, and the (n+1)-gram is complete
+            if not alive.any():
+                break
+            tokens = pair[..., 0]
+        cache.crop(length - cache.get_seq_length())  # drop the roll-out tokens: back to the block's own cache
+    return sums, counts
+
+
+def _score_and_sample(
+    logits: torch.Tensor, targets: torch.Tensor, positions_per_slice: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, L, V], targets [B, L] -> (log P(target) [B, L], two independent samples per position [B, L, 2]).
+
+    In float32, over slices of positions, so that only one slice of float32 probabilities is in memory at a time.
+    """
+    flat_logits, flat_targets = logits.flatten(0, 1), targets.flatten()
+    true_logp, samples = [], []
+    for start in range(0, flat_logits.shape[0], positions_per_slice):
+        logp = flat_logits[start : start + positions_per_slice].float().log_softmax(-1)
+        true_logp.append(logp.gather(-1, flat_targets[start : start + positions_per_slice, None])[:, 0])
+        samples.append(torch.multinomial(logp.exp(), 2, replacement=True))
+    return torch.cat(true_logp).view(targets.shape), torch.cat(samples).view(*targets.shape, 2)
+
+
+def _output_cache(outputs: object) -> object:
+    """The KV cache of a model output: `cache` in recent transformers 5, `past_key_values` before."""
+    for name in ("cache", "past_key_values"):
+        cache = getattr(outputs, name, None)
+        if cache is not None:
+            return cache
+    raise ValueError("the model returned no KV cache with use_cache=True; the discrete estimator's roll-out needs one.")
+
+
+def load_model(
+    name: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+) -> torch.nn.Module:
+    """A CALM model (with this package's classes, no remote code needed) or any `AutoModelForCausalLM`, in eval mode."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    config, _ = PretrainedConfig.get_config_dict(name)
+    if config.get("architectures") == ["EnergyTransformer"]:
+        raise ValueError(
+            f"{name} is a checkpoint of the authors' code: convert it first with `calm-convert` "
+            "(convert_checkpoint.py)."
+        )
+    if config.get("model_type") == CALMConfig.model_type:
+        model = CALMForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calm-eval",
+        description="Brier-1..4 and BrierLM of a CALM model or of any causal LM of transformers on packed documents.",
+    )
+    parser.add_argument("--model", required=True, help="model folder or Hub id (CALM or any AutoModelForCausalLM)")
+    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the model's)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help=".jsonl/.json (one {\"text\": ...} per line) or a text file (default: the WikiText-103 test documents "
+        "in ../shared/data)",
+    )
+    parser.add_argument("--text-field", default="text", help="the JSON field holding each document's text")
+    parser.add_argument("--block-size", type=int, default=2048, help="tokens per packed block (default 2048)")
+    parser.add_argument("--batch-size", type=int, default=1, help="blocks per forward pass (default 1)")
+    parser.add_argument("--max-blocks", type=int, help="evaluate only the first N blocks")
+    parser.add_argument("--documents-from", type=int, default=0, help="first document to use (0-based)")
+    parser.add_argument("--documents-to", type=int, help="end of the document range (exclusive; default: all)")
+    parser.add_argument(
+        "--rollout-batch-size", type=int, default=256, help="roll-out rows per block and pass (discrete models)"
+    )
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the Hub")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1 (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (default 0)")
+    parser.add_argument("--output", type=Path, help="also write the JSON result to this file")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.data.is_file():
+        hint = " (the default: ../shared beside the repository)" if args.data == DEFAULT_DATA else ""
+        parser.error(f"data file {args.data} not found{hint}; pass --data PATH to a .jsonl/.json or text file.")
+    for flag in ("block_size", "batch_size", "max_blocks", "rollout_batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive.")
+    if args.documents_from < 0 or (args.documents_to is not None and args.documents_to <= args.documents_from):
+        parser.error("the document range must satisfy 0 <= --documents-from < --documents-to.")
+
+    from transformers import AutoTokenizer
+
+    documents = load_documents(args.data, args.text_field)
+    selected = documents[args.documents_from : args.documents_to]
+    if not selected:
+        parser.error(
+            f"--documents-from {args.documents_from} --documents-to {args.documents_to} selects no document of the "
+            f"{len(documents)} in {args.data}."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    blocks = pack_documents(tokenizer, selected, args.block_size)[: args.max_blocks]
+    model = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+
+    start = time.perf_counter()
+    result = evaluate_brierlm(
+        model, blocks, args.batch_size, args.seed, progress=not args.no_progress,
+        rollout_batch_size=args.rollout_batch_size,
+    )
+    result.update(
+        model=args.model,
+        tokenizer=args.tokenizer or args.model,
+        data=str(args.data),
+        documents=[args.documents_from, args.documents_from + len(selected)],
+        dtype=args.dtype,
+        device=args.device,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
