@@ -1,0 +1,318 @@
+"""Training: data preparation, the Trainer stages of train_calm.py, gradient accumulation, DDP, the shipped model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from calm_transformers import CALMAutoencoder, CALMAutoencoderConfig, CALMForCausalLM
+from calm_transformers.train_calm import (
+    BlockDataset,
+    RandomChunkCollator,
+    autoencoder_blocks,
+    lm_blocks,
+    main,
+    parse_overrides,
+    save_tokenizer,
+    stage_config_fields,
+    train_tokenizer,
+)
+from conftest import REPO, tiny_config
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
+
+SHIPPED = REPO / "calm_tiny_wikitext"
+WORDS = "zero one two three four five six seven eight nine".split()
+TINY = {  # --set overrides that make each stage's model tiny
+    "autoencoder": ["hidden_size=32", "intermediate_size=64", "latent_size=8", "ae_dropout=0.05"],
+    "lm": ["hidden_size=32", "intermediate_size=64", "num_hidden_layers=1", "num_attention_heads=2",
+           "num_key_value_heads=2", "noise_size=8", "num_mlp_layers=1", "num_samples=4", "num_target_samples=16"],
+    "ar": ["hidden_size=32", "intermediate_size=64", "num_hidden_layers=1", "num_attention_heads=2",
+           "num_key_value_heads=2"],
+}
+
+
+def counting_documents(num_documents: int, seed: int = 0) -> list[str]:
+    """Learnable text: runs of counting words (`three four five ...`) from random starts, of random lengths."""
+    rng = random.Random(seed)
+    documents = []
+    for _ in range(num_documents):
+        start, length = rng.randrange(10), rng.randrange(20, 60)
+        documents.append(" " + " ".join(WORDS[(start + i) % 10] for i in range(length)))
+    return documents
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(train_tokenizer(counting_documents(20), vocab_size=300), folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_tokenizer_saves_and_loads_as_fast_tokenizer(tokenizer, tmp_path):
+    assert isinstance(tokenizer, PreTrainedTokenizerFast) and 259 < len(tokenizer) <= 300  # bytes + 3 specials + merges
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|begin_of_text|>", "<|end_of_text|>",
+                                                                                "[PAD]")
+    assert tokenizer.padding_side == "left"
+    text = " three four five\n = Héllo ✓ ="  # byte-level: any text round-trips, no unknown token
+    encoded = tokenizer(text)
+    assert encoded["input_ids"][0] == tokenizer.bos_token_id  # BOS is added, as in training data
+    assert set(encoded) == {"input_ids", "attention_mask"}
+    assert tokenizer.decode(encoded["input_ids"], skip_special_tokens=True) == text
+    batch = tokenizer([" one", " one two three"], padding=True)
+    assert batch["input_ids"][0][0] == tokenizer.pad_token_id and batch["attention_mask"][0][0] == 0
+    save_tokenizer(tokenizer, tmp_path)  # re-saving keeps a class name that transformers 4.x and 5.x both load
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_autoencoder_blocks_layout(tokenizer):
+    documents = [" one two", " three four five six seven", " eight"]
+    blocks = autoencoder_blocks(tokenizer, documents, patch_size=4, block_size=8)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    expected: list[int] = []
+    for text in documents:
+        doc = [bos, *tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+        expected += doc + [pad] * (-len(doc) % 4)
+    expected += [pad] * (-len(expected) % 8)
+    assert blocks.shape == (len(expected) // 8, 8) and blocks.flatten().tolist() == expected
+    assert pad in expected  # the documents do need padding
+    # Each document starts a chunk and ends in its own chunk: no chunk mixes two documents.
+    chunks = blocks.reshape(-1, 4)
+    for chunk in chunks.tolist():
+        inner = chunk[1:] if chunk[0] == bos else chunk
+        assert bos not in inner
+        if eos in chunk:
+            assert all(t == pad for t in chunk[chunk.index(eos) + 1 :])
+    assert int((blocks == bos).sum()) == int((blocks == eos).sum()) == len(documents)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        autoencoder_blocks(tokenizer, documents, patch_size=4, block_size=10)
+
+
+def test_lm_blocks_layout(tokenizer):
+    documents = counting_documents(3, seed=1)
+    blocks = lm_blocks(tokenizer, documents, block_size=16)
+    stream = [t for text in documents for t in [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)
+                                                 ["input_ids"]]]
+    assert blocks.shape == (len(stream) // 16, 16)
+    assert blocks.flatten().tolist() == stream[: blocks.numel()]  # BOS + text, no EOS, tail dropped
+    assert tokenizer.eos_token_id not in blocks and tokenizer.pad_token_id not in blocks
+
+
+def test_random_chunk_collator_replaces_whole_chunks():
+    torch.manual_seed(0)
+    blocks = torch.arange(2 * 400 * 4).reshape(2, 1600) + 1000  # ids >= 1000: a replaced token is < 1000
+    examples = list(BlockDataset(blocks))
+    batch = RandomChunkCollator(0.25, vocab_size=1000, patch_size=4)(examples)
+    assert torch.equal(batch["labels"], batch["input_ids"])  # the autoencoder reconstructs what it reads
+    replaced = (batch["input_ids"] < 1000).reshape(2, 400, 4)
+    assert torch.equal(replaced.all(-1), replaced.any(-1))  # whole chunks or nothing
+    assert 0.2 < replaced.all(-1).float().mean() < 0.3
+    assert torch.equal(RandomChunkCollator(0.0, 1000, 4)(examples)["input_ids"], blocks)
+    with pytest.raises(ValueError, match="fraction"):
+        RandomChunkCollator(1.0, 1000, 4)
+
+
+def test_overrides_are_parsed_and_checked():
+    assert parse_overrides(["hidden_size=64", "rope_theta=5e5", "hidden_act=gelu", "tie_word_embeddings=true"]) == {
+        "hidden_size": 64, "rope_theta": 5e5, "hidden_act": "gelu", "tie_word_embeddings": True
+    }
+    assert stage_config_fields("lm", {"num_hidden_layers": 2})["num_hidden_layers"] == 2
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["hidden_size"])
+    with pytest.raises(ValueError, match="unknown CALMConfig field.*hiden_size"):
+        stage_config_fields("lm", {"hiden_size": 64})
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models train faster on one thread, and far faster when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict:
+    """The script's four stages in a row on counting text: tokenizer, autoencoder, CALM LM, Llama baseline."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in counting_documents(24)))
+    common = ["--data", str(data), "--num-eval-docs", "3", "--block-size", "32", "--no-progress", "--warmup-steps", "0",
+              "--lr-scheduler", "constant", "--logging-steps", "5", "--eval-batch-size", "4"]
+    stages = {
+        "tokenizer": ["--vocab-size", "300"],
+        "autoencoder": ["--tokenizer", str(root / "tokenizer"), "--max-steps", "80", "--lr", "1e-2",
+                        "--batch-size", "8"],
+        "lm": ["--autoencoder", str(root / "autoencoder"), "--max-steps", "30", "--lr", "3e-3", "--batch-size", "4",
+               "--eval-steps", "15", "--eval-blocks", "1", "--no-remote-code"],
+        "ar": ["--tokenizer", str(root / "tokenizer"), "--max-steps", "30", "--lr", "3e-3", "--batch-size", "4"],
+    }
+    for stage, argv in stages.items():
+        overrides = [arg for item in TINY.get(stage, []) for arg in ("--set", item)]
+        with one_thread():
+            assert main(["--stage", stage, "--output-dir", str(root / stage), *common, *argv, *overrides]) == 0
+    return {stage: root / stage for stage in stages}
+
+
+def _losses(folder) -> list[float]:
+    log_history = json.loads((folder / "results.json").read_text())["log_history"]
+    return [entry["loss"] for entry in log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "lm", "ar"])
+def test_stage_trains_saves_and_evaluates(pipeline, stage):
+    folder = pipeline[stage]
+    results = json.loads((folder / "results.json").read_text())
+    losses = _losses(folder)
+    assert len(losses) >= 6 and losses[-1] < 0.8 * losses[0], losses
+    batch_size = 8 if stage == "autoencoder" else 4
+    assert results["world_size"] == 1 and results["rows_seen"] == results["steps"] * batch_size
+    assert results["train_flops"] > 0 and results["parameters_trainable"] > 0
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+    assert PreTrainedTokenizerFast.from_pretrained(folder).pad_token == "[PAD]"
+    if stage == "autoencoder":
+        assert 0.5 < results["eval"]["accuracy"] <= 1.0  # counting text is easy to reconstruct after 80 steps
+    else:
+        assert set(results["eval"]) == {"brierlm", "brier1", "brier2", "brier3", "brier4"}
+        assert all(-1.0 <= results["eval"][f"brier{n}"] <= 1.0 for n in range(1, 5))
+        assert results["eval"]["brierlm"] == pytest.approx(
+            100 * max(math.prod(results["eval"][f"brier{n}"] for n in range(1, 5)), 0) ** 0.25
+        )
+    if stage == "ar":  # counting is learnt by a Llama in 30 steps: far above chance (about 0 for a random model)
+        assert results["eval"]["brier1"] > 0.2
+
+
+def test_lm_stage_freezes_the_trained_autoencoder(pipeline):
+    """The CALM folder holds the trained autoencoder's weights, unchanged by LM training (frozen), in one file."""
+    autoencoder = load_file(str(pipeline["autoencoder"] / "model.safetensors"))
+    calm = load_file(str(pipeline["lm"] / "model.safetensors"))
+    for name, tensor in autoencoder.items():
+        assert torch.equal(calm[f"ae_model.{name}"], tensor), name
+    results = json.loads((pipeline["lm"] / "results.json").read_text())
+    assert results["parameters_trainable"] == results["parameters_total"] - sum(t.numel() for t in autoencoder.values())
+    assert any("eval_brierlm" in entry for entry in results["log_history"])  # evaluated during training too
+    # --no-remote-code: no copies of the code, and no auto_map pointing to them.
+    assert not list(pipeline["lm"].glob("*.py"))
+    assert "auto_map" not in json.loads((pipeline["lm"] / "config.json").read_text())
+    model = CALMForCausalLM.from_pretrained(pipeline["lm"]).eval()
+    ids = AutoTokenizer.from_pretrained(pipeline["lm"])(" three four five", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=8, num_samples=4).shape == (1, ids.shape[1] + 8)
+
+
+class GradientRecorder(TrainerCallback):
+    """Keeps a copy of the gradients at the (only) optimizer step."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _trainer_gradients(model, dataset, collator, batch_size: int, accumulation: int, tmp_path):
+    recorder = GradientRecorder()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        max_steps=1, max_grad_norm=0.0, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[recorder])
+    with one_thread():
+        trainer.train()
+    return recorder.grads, trainer.state.log_history[0]["loss"]
+
+
+def _autoencoder_case():
+    torch.manual_seed(0)
+    config = CALMAutoencoderConfig(vocab_size=40, hidden_size=16, intermediate_size=32, latent_size=4, ae_dropout=0.0)
+    model = CALMAutoencoder(config)
+    ids = torch.randint(0, 40, (4, 16))
+    # The latent's noise is drawn per example, so that any split into micro-batches sees the same draws.
+    examples = [{"input_ids": ids[i], "labels": ids[i], "latent_noise": torch.randn(4, 4)} for i in range(4)]
+    return model, examples, None
+
+
+def _lm_case():
+    model = CALMForCausalLM(tiny_config(num_samples=3, num_target_samples=5))
+    ids = torch.randint(0, 90, (4, 12))  # 3 chunks: 2 target chunks per row
+    examples = [
+        {"input_ids": ids[i], "labels": ids[i], "head_noise": torch.rand(3, 2, 8) - 0.5,
+         "target_noise": torch.randn(5, 2, 8)}
+        for i in range(4)
+    ]
+
+    def collate(batch):
+        # forward() takes the draws as [samples, targets in row-major (row, chunk) order, dim].
+        out = {key: torch.stack([example[key] for example in batch]) for key in batch[0]}
+        for key in ("head_noise", "target_noise"):
+            out[key] = out[key].transpose(0, 1).flatten(1, 2)
+        return out
+
+    return model, examples, collate
+
+
+@pytest.mark.parametrize("case", [_autoencoder_case, _lm_case])
+def test_gradient_accumulation_matches_full_batch(case, tmp_path):
+    """2 micro-batches of 2 with accumulation give the gradients and loss of one batch of 4 (mean of means)."""
+    model, examples, collate = case()
+    batch = (collate or torch.utils.data.default_collate)(examples)
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(initial[n])
+        grads, logged_loss = _trainer_gradients(model, examples, collate, batch_size, accumulation, tmp_path)
+        assert grads.keys() == expected.keys()
+        for name, grad in grads.items():
+            message = f"{name} ({batch_size} x {accumulation})"
+            torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-7, msg=message)
+        assert logged_loss == pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_data_parallel_two_processes_on_gloo(pipeline, tmp_path):
+    """torchrun with 2 CPU processes: DDP over gloo, each process reads its share of every global batch."""
+    data = pipeline["tokenizer"].parent / "docs.jsonl"
+    overrides = [arg for item in TINY["autoencoder"] for arg in ("--set", item)]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "calm_transformers.train_calm", "--stage", "autoencoder", "--data", str(data),
+        "--tokenizer", str(pipeline["tokenizer"]), "--output-dir", str(tmp_path), "--block-size", "32",
+        "--batch-size", "2", "--max-steps", "3", "--logging-steps", "1", "--no-progress", *overrides,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 3
+    assert results["rows_seen"] == 3 * 2 * 2  # global batch = per-device batch x processes
+    assert result.stdout.count('"world_size": 2') == 1  # only the main process reports
+
+
+def test_shipped_model_loads_and_generates():
+    files = {p.name for p in SHIPPED.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "README.md"} <= files
+    assert not files & {"configuration_calm.py", "modeling_calm.py", "generation_calm.py"}  # the package has the code
+    assert sum(p.stat().st_size for p in SHIPPED.iterdir()) <= 25 * 2**20
+    model = CALMForCausalLM.from_pretrained(SHIPPED).eval()
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
+    assert model.config.patch_size == 4 and model.config.vocab_size == len(tokenizer)
+    inputs = tokenizer([" The game", " = Valkyria Chronicles ="], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    output = model.generate(**inputs, max_new_tokens=16, num_samples=50)
+    assert output.shape == (2, inputs["input_ids"].shape[1] + 16)
+    texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert all(len(text.split()) >= 3 for text in texts), texts
