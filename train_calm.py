@@ -415,6 +415,7 @@ def strip_remote_code(folder: str | Path) -> None:
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config.pop("auto_map", None)
+    config.get("autoencoder_config", {}).pop("auto_map", None)  # inherited from the autoencoder's own folder
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

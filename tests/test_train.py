@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import subprocess
@@ -13,6 +12,7 @@ import sys
 import pytest
 import torch
 from calm_transformers import CALMAutoencoder, CALMAutoencoderConfig, CALMForCausalLM
+from calm_transformers.evaluate_calm import brierlm
 from calm_transformers.train_calm import (
     BlockDataset,
     RandomChunkCollator,
@@ -185,9 +185,7 @@ def test_stage_trains_saves_and_evaluates(pipeline, stage):
     else:
         assert set(results["eval"]) == {"brierlm", "brier1", "brier2", "brier3", "brier4"}
         assert all(-1.0 <= results["eval"][f"brier{n}"] <= 1.0 for n in range(1, 5))
-        assert results["eval"]["brierlm"] == pytest.approx(
-            100 * max(math.prod(results["eval"][f"brier{n}"] for n in range(1, 5)), 0) ** 0.25
-        )
+        assert results["eval"]["brierlm"] == pytest.approx(brierlm([results["eval"][f"brier{n}"] for n in range(1, 5)]))
     if stage == "ar":  # counting is learnt by a Llama in 30 steps: far above chance (about 0 for a random model)
         assert results["eval"]["brier1"] > 0.2
 
@@ -203,7 +201,8 @@ def test_lm_stage_freezes_the_trained_autoencoder(pipeline):
     assert any("eval_brierlm" in entry for entry in results["log_history"])  # evaluated during training too
     # --no-remote-code: no copies of the code, and no auto_map pointing to them.
     assert not list(pipeline["lm"].glob("*.py"))
-    assert "auto_map" not in json.loads((pipeline["lm"] / "config.json").read_text())
+    saved_config = json.loads((pipeline["lm"] / "config.json").read_text())
+    assert "auto_map" not in saved_config and "auto_map" not in saved_config["autoencoder_config"]
     model = CALMForCausalLM.from_pretrained(pipeline["lm"]).eval()
     ids = AutoTokenizer.from_pretrained(pipeline["lm"])(" three four five", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=8, num_samples=4).shape == (1, ids.shape[1] + 8)
