@@ -16,6 +16,7 @@ them, the language models by BrierLM. Data-parallel training works with torchrun
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import shlex
@@ -159,16 +160,14 @@ def lm_blocks(tokenizer: PreTrainedTokenizerFast, documents: list[str], block_si
 class BlockDataset(Dataset):
     """Rows of token ids as `{"input_ids", "labels"}` examples (the models shift or chunk the labels themselves)."""
 
-    def __init__(self, blocks: torch.Tensor, ignore_id: int | None = None) -> None:
+    def __init__(self, blocks: torch.Tensor) -> None:
         self.blocks = blocks
-        # Labels equal to `ignore_id` are excluded from the loss (-100), e.g. padding in evaluation.
-        self.labels = blocks if ignore_id is None else blocks.masked_fill(blocks == ignore_id, -100)
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[index], "labels": self.labels[index]}
+        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
 
 
 class RandomChunkCollator:
@@ -217,9 +216,9 @@ def stage_config_fields(stage: str, overrides: dict[str, Any]) -> dict[str, Any]
     known = set(config_class().to_dict()) | {"head_dim"}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(
-            f"unknown {config_class.__name__} field(s) in --set: {unknown}. Known fields: {sorted(known)}."
-        )
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; known fields: {sorted(known)}"
+        raise ValueError(f"--set {unknown[0]}=...: {config_class.__name__} has no field {unknown[0]!r}{hint}.")
     return {**DEFAULT_CONFIGS[stage], **overrides}
 
 
@@ -357,9 +356,7 @@ class CALMTrainer(Trainer):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="calm-train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="calm-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=STAGES, required=True)
     parser.add_argument("--data", required=True, help="documents: JSONL with a text field (one per line), or text")
     parser.add_argument("--text-field", default="text")
@@ -443,13 +440,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         k = model.config.patch_size
         train_blocks = autoencoder_blocks(tokenizer, train_docs, k, args.block_size)
         eval_blocks = autoencoder_blocks(tokenizer, eval_docs, k, args.block_size)
-        pad_id = tokenizer.pad_token_id
         collator = RandomChunkCollator(args.random_chunks, model.config.vocab_size, k) if args.random_chunks else None
     else:
         if args.stage == "lm":
-            tokenizer = _load_tokenizer(args.tokenizer or args.autoencoder, "--autoencoder")
             if args.autoencoder is None:
                 raise ValueError("--stage lm needs --autoencoder (the folder written by --stage autoencoder).")
+            tokenizer = _load_tokenizer(args.tokenizer or args.autoencoder, "--autoencoder")
             model = build_calm(CALMAutoencoder.from_pretrained(args.autoencoder), **fields)
             if args.block_size % model.config.patch_size:
                 raise ValueError(f"--block-size must be a multiple of patch_size={model.config.patch_size}.")
@@ -458,7 +454,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model = build_llama(tokenizer, **fields)
         train_blocks = lm_blocks(tokenizer, train_docs, args.block_size)
         eval_blocks = lm_blocks(tokenizer, eval_docs, args.block_size) if eval_docs else train_blocks[:0]
-        pad_id = collator = None
+        collator = None
     if train_blocks.shape[0] == 0:
         raise ValueError(f"the training documents give no full block of {args.block_size} tokens; lower --block-size.")
 
@@ -495,7 +491,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args=training_args,
         train_dataset=BlockDataset(train_blocks),
         data_collator=collator,
-        eval_dataset=BlockDataset(eval_subset, ignore_id=pad_id),
+        eval_dataset=BlockDataset(eval_subset),
         metric_fn=lambda m, blocks: stage_metrics(args.stage, m, blocks, args.eval_batch_size, args.seed),
     )
     sample = {key: value[None].to(model.device) for key, value in BlockDataset(train_blocks)[0].items()}
@@ -538,9 +534,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.command = shlex.join(["calm-train", *argv])
-    results = run(args)
+    try:
+        results = run(args)
+    except (ValueError, FileNotFoundError) as error:  # bad arguments or data: a message, not a traceback
+        parser.error(str(error))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(results, indent=2))
     return 0

@@ -126,7 +126,7 @@ def test_overrides_are_parsed_and_checked():
     assert stage_config_fields("lm", {"num_hidden_layers": 2})["num_hidden_layers"] == 2
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["hidden_size"])
-    with pytest.raises(ValueError, match="unknown CALMConfig field.*hiden_size"):
+    with pytest.raises(ValueError, match="CALMConfig has no field 'hiden_size' .did you mean 'hidden_size'"):
         stage_config_fields("lm", {"hiden_size": 64})
 
 
