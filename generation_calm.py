@@ -276,14 +276,12 @@ class CALMGenerationMixin(GenerationMixin):
                 streamer.put(chunk.cpu())
             if len(criteria):
                 unfinished &= ~criteria(torch.cat([input_ids, new_tokens], dim=-1), None)
-            if not bool(unfinished.any()):
+            if not bool(unfinished.any()) or new_tokens.shape[1] >= max_new_tokens:
                 break
 
-            chunk_embeds = self.embed_chunks(chunk) if chunk.shape[1] == k else None
+            chunk_embeds = self.embed_chunks(chunk)
             chunk_mask = torch.cat([chunk_mask, chunk_mask.new_ones(batch_size, 1)], dim=-1)
             position_ids = position_ids[:, -1:] + 1
-            if chunk_embeds is None:
-                break
 
         if streamer is not None:
             streamer.end()
