@@ -7,6 +7,7 @@ the autoencoder decodes them to K tokens, and `temperature_sampling` picks one c
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,14 @@ from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingC
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 # CALM's own generation settings, written to generation_config.json (the authors' defaults: T = 0.5, N = 200).
-CALM_GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.5, "num_samples": 200, "prompt_alignment": "left"}
+CALM_GENERATION_DEFAULTS = {
+    "do_sample": True,
+    "temperature": 0.5,
+    "num_samples": 200,
+    "prompt_alignment": "left",
+    "shortlist_size": 64,
+}
+_CALM_ONLY = ("num_samples", "prompt_alignment", "shortlist_size")  # not transformers' own settings
 PROMPT_ALIGNMENTS = ("left", "reference")
 # Settings of transformers' generate that would change what is returned but that CALM's sampler cannot honour.
 # (Token-logit settings such as top_k or top_p have no meaning without token logits and are ignored.)
@@ -74,10 +82,14 @@ def sample_from_pool(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def identical_chunks(states: torch.Tensor, argmax_tokens: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+ArgmaxRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def identical_chunks(states: torch.Tensor, argmax_rows: ArgmaxRows) -> torch.Tensor:
     """Which candidates decode to the same chunk, projecting as few decoder states onto the vocabulary as possible.
 
-    states: [B, N, K, a] decoder states of N candidate chunks; argmax_tokens: states [n, a] -> token ids [n].
+    states: [B, N, K, a] decoder states of N candidate chunks; argmax_rows(states [B, N, a], active [B, N]) -> token
+    ids [B, N] of the active states (-1 elsewhere), e.g. `plain_argmax` or `certified_argmax`.
     Returns same [B, N, N] bool, exactly `(tokens_i == tokens_j).all()` of the fully decoded chunks.
 
     Position by position: a candidate whose prefix is already unique in its row is a chunk of its own (count 1)
@@ -91,10 +103,117 @@ def identical_chunks(states: torch.Tensor, argmax_tokens: Callable[[torch.Tensor
         shared = same.sum(-1) >= 2  # [B, N]: prefix seen elsewhere in the row
         if position > 0 and not bool(shared.any()):
             break
-        tokens = torch.full((batch_size, num_candidates), -1, dtype=torch.long, device=states.device)
-        tokens[shared] = argmax_tokens(states[:, :, position][shared])
+        tokens = argmax_rows(states[:, :, position], shared)  # [B, N], -1 for settled candidates
         same &= tokens.unsqueeze(2) == tokens.unsqueeze(1)  # a settled candidate (-1) only keeps itself
     return same
+
+
+def plain_argmax(
+    states: torch.Tensor, active: torch.Tensor, argmax_tokens: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """states [B, N, a], active [B, N] -> argmax token ids [B, N] of the active states, -1 elsewhere."""
+    tokens = torch.full(active.shape, -1, dtype=torch.long, device=states.device)
+    tokens[active] = argmax_tokens(states[active])
+    return tokens
+
+
+def certified_argmax(
+    states: torch.Tensor,
+    active: torch.Tensor,
+    weight: torch.Tensor,
+    max_row_norm: float,
+    argmax_tokens: Callable[[torch.Tensor], torch.Tensor],
+    shortlist_size: int = 64,
+) -> torch.Tensor:
+    """The tokens of `plain_argmax`, projecting most candidates onto a shortlist of the vocabulary only.
+
+    states [B, N, a], active [B, N]; weight [V, a] the output projection, max_row_norm its largest row norm.
+    Per row, the first active state (the probe p) is projected in full; its top `shortlist_size` tokens are the
+    shortlist S, and tau is its best score outside S. For a candidate h = p + delta and a token v outside S,
+    w_v.h = w_v.p + w_v.delta <= tau + |w_v| |delta| (Cauchy-Schwarz). When the best shortlisted token beats that
+    bound and the runner-up by more than rounding can blur, it is the argmax (certified); the others are
+    projected in full by `argmax_tokens`. Pays off when candidates agree (trained models at T < 1); diverse
+    candidates (random weights) fail the certificate and cost one probe projection per row more.
+    """
+    batch_size, num_candidates, hidden_size = states.shape
+    tokens = torch.full((batch_size, num_candidates), -1, dtype=torch.long, device=states.device)
+    rows = active.any(-1).nonzero().squeeze(-1)  # [R]
+    if rows.numel() == 0:
+        return tokens
+    states, active = states[rows].float(), active[rows]  # fp32: the certificate's own arithmetic is exact enough
+    probe = states[torch.arange(rows.numel()), active.to(torch.uint8).argmax(-1)]  # [R, a]
+    probe_logits = (weight @ probe.to(weight.dtype).T).T.float()  # [R, V]; weight as the streamed operand
+    size = min(shortlist_size, weight.shape[0])
+    top = probe_logits.topk(min(size + 1, weight.shape[0]), dim=-1)
+    shortlist = top.indices[:, :size].sort(-1).values  # [R, s], by token id: ties go to the lower id
+    tau = top.values[:, size] if size < weight.shape[0] else None  # [R]
+    scores = torch.einsum("rna,rsa->rns", states, weight[shortlist].float())  # [R, N, s]
+    best, second = scores.topk(2, dim=-1).values.unbind(-1)  # [R, N]
+    winner = shortlist.gather(1, scores.argmax(-1))  # [R, N]
+
+    # Rounding: the plain path rounds each logit to the weight's dtype after accumulating a products in fp32.
+    eps = torch.finfo(weight.dtype).eps
+    accumulation = hidden_size * torch.finfo(torch.float32).eps * max_row_norm
+    rival = second
+    if tau is not None:  # a shortlist of the whole vocabulary has nothing outside it
+        outside = tau + eps * tau.abs() + accumulation * probe.norm(dim=-1)  # [R]: bound on w_v.p, v outside S
+        outside = outside[:, None] + max_row_norm * (states - probe[:, None]).norm(dim=-1)  # [R, N]
+        rival = torch.maximum(second, outside)
+    margin = 2 * eps * (best.abs() + rival.abs()) + 2 * accumulation * states.norm(dim=-1)
+    certified = active & (best - rival > margin)
+
+    row_tokens = torch.full(active.shape, -1, dtype=torch.long, device=tokens.device)
+    row_tokens[certified] = winner[certified]
+    unsure = active & ~certified
+    if bool(unsure.any()):
+        row_tokens[unsure] = argmax_tokens(states[unsure].to(weight.dtype))
+    tokens[rows] = row_tokens
+    return tokens
+
+
+class ShortlistArgmax:
+    """`argmax_rows` for `identical_chunks`: `certified_argmax` while it pays off, `plain_argmax` otherwise.
+
+    Whether candidates agree depends on the model and the context. After a call that certified fewer than a
+    quarter of its candidates, the next `backoff` calls project in full; the tokens are the same either way.
+    `certified` and `requested` count candidates over the object's life (for benchmarks).
+    """
+
+    def __init__(self, autoencoder: torch.nn.Module, shortlist_size: int = 64, backoff: int = 8) -> None:
+        self.autoencoder = autoencoder
+        self.weight = autoencoder.encoder.embed_tokens.weight  # [V, a]
+        self.argmax_tokens = autoencoder.argmax_tokens
+        self.shortlist_size, self.backoff = shortlist_size, backoff
+        self.skip = self.certified = self.requested = self.uncertified = 0
+
+    def _max_row_norm(self) -> float:
+        """max_v |w_v|, cached on the autoencoder until its weight changes (a read of the whole weight)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        cached = getattr(self.autoencoder, "_max_row_norm", None)
+        if cached is None or cached[0] != key:
+            # In blocks: no fp32 copy of the whole weight (250 MiB for the Llama 3 vocabulary).
+            norms = [torch.linalg.vector_norm(b, dim=-1, dtype=torch.float32).max() for b in self.weight.split(4096)]
+            cached = self.autoencoder._max_row_norm = (key, torch.stack(norms).max().item())
+        return cached[1]
+
+    def _counting_argmax(self, states: torch.Tensor) -> torch.Tensor:
+        self.uncertified += states.shape[0]
+        return self.argmax_tokens(states)
+
+    def __call__(self, states: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        if self.skip:
+            self.skip -= 1
+            return plain_argmax(states, active, self.argmax_tokens)
+        self.uncertified = 0
+        tokens = certified_argmax(
+            states, active, self.weight, self._max_row_norm(), self._counting_argmax, self.shortlist_size
+        )
+        requested = int(active.sum())
+        self.requested += requested
+        self.certified += requested - self.uncertified
+        if requested - self.uncertified < requested / 4:
+            self.skip = self.backoff
+        return tokens
 
 
 def align_prompts(
@@ -136,11 +255,11 @@ class CALMGenerationMixin(GenerationMixin):
     """`generate` for CALM: one backbone step per chunk of K tokens, no Python loop over rows or candidates."""
 
     def _calm_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict):
-        calm_settings = {key: kwargs.pop(key) for key in ("num_samples", "prompt_alignment") if key in kwargs}
+        calm_settings = {key: kwargs.pop(key) for key in _CALM_ONLY if key in kwargs}
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        for key, value in CALM_GENERATION_DEFAULTS.items():
-            if key in ("num_samples", "prompt_alignment"):
-                calm_settings.setdefault(key, getattr(generation_config, key, None) or value)
+        for key in _CALM_ONLY:
+            saved = getattr(generation_config, key, None)
+            calm_settings.setdefault(key, CALM_GENERATION_DEFAULTS[key] if saved is None else saved)
         for key, value in calm_settings.items():
             setattr(generation_config, key, value)
         for key in _UNSUPPORTED:
@@ -156,6 +275,12 @@ class CALMGenerationMixin(GenerationMixin):
             raise ValueError(
                 "num_samples (the candidate pool per step) must be a positive integer, "
                 f"got {generation_config.num_samples!r}."
+            )
+        shortlist_size = generation_config.shortlist_size
+        if not isinstance(shortlist_size, int) or shortlist_size < 0 or shortlist_size == 1:
+            raise ValueError(
+                f"shortlist_size must be 0 (always project candidates onto the whole vocabulary) or an integer >= 2, "
+                f"got {shortlist_size!r}."
             )
         return generation_config, model_kwargs
 
@@ -236,6 +361,13 @@ class CALMGenerationMixin(GenerationMixin):
         temperature = 1.0 if generation_config.temperature is None else float(generation_config.temperature)
         do_sample = bool(generation_config.do_sample)
         pool_size = 1 if (do_sample and temperature == 1.0) else generation_config.num_samples
+        pool_argmax = None
+        if pool_size > 1:
+            pool_argmax = (
+                ShortlistArgmax(self.ae_model, generation_config.shortlist_size)
+                if generation_config.shortlist_size
+                else partial(plain_argmax, argmax_tokens=self.ae_model.argmax_tokens)
+            )
 
         ids, token_mask = align_prompts(input_ids, attention_mask, k, pad_token_id, generation_config.prompt_alignment)
         num_chunks = ids.shape[1] // k + -(-max_new_tokens // k)
@@ -260,7 +392,9 @@ class CALMGenerationMixin(GenerationMixin):
         unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
         while new_tokens.shape[1] < max_new_tokens:
             hidden, cache, _ = self.backbone(chunk_embeds, chunk_mask, position_ids, cache, use_cache=True)
-            chunk = self._next_chunk(hidden[:, -1], pool_size, temperature, do_sample, generator, noise_sampler)
+            chunk = self._next_chunk(
+                hidden[:, -1], pool_size, temperature, do_sample, generator, noise_sampler, pool_argmax
+            )
             chunk = chunk[:, : max_new_tokens - new_tokens.shape[1]]  # [B, <=K]
 
             # Rows that stopped produce padding; a row stops at its first EOS, even inside a chunk.
@@ -298,8 +432,9 @@ class CALMGenerationMixin(GenerationMixin):
         do_sample: bool,
         generator: torch.Generator | None,
         noise_sampler: NoiseSampler | None,
+        pool_argmax: ArgmaxRows | None = None,
     ) -> torch.Tensor:
-        """hidden [B, d] -> the next chunk's token ids [B, K]."""
+        """hidden [B, d] -> the next chunk's token ids [B, K]. `pool_argmax` decodes the pool (default: plain)."""
         batch_size = hidden.shape[0]
         hidden = hidden.unsqueeze(1).expand(batch_size, pool_size, hidden.shape[-1])  # [B, N, d]
         noise = None
@@ -313,7 +448,8 @@ class CALMGenerationMixin(GenerationMixin):
         latents = self.generative_head.sample(hidden, noise, generator=generator)  # [B, N, l]
         states = self.ae_model.decoder(latents.unsqueeze(2))  # [B, N, K, a]: cheap next to the projection
         if pool_size > 1:
-            same = identical_chunks(states, self.ae_model.argmax_tokens)
+            pool_argmax = pool_argmax or partial(plain_argmax, argmax_tokens=self.ae_model.argmax_tokens)
+            same = identical_chunks(states, pool_argmax)
             choice = sample_from_pool(same, temperature, do_sample, generator)  # [B]
             states = states[torch.arange(batch_size, device=states.device), choice].unsqueeze(1)
         return self.ae_model.argmax_tokens(states[:, 0])  # [B, K]: only the chosen chunk is decoded in full
@@ -323,7 +459,10 @@ __all__ = [
     "CALM_GENERATION_DEFAULTS",
     "CALMGenerationMixin",
     "align_prompts",
+    "ShortlistArgmax",
+    "certified_argmax",
     "identical_chunks",
+    "plain_argmax",
     "sample_from_pool",
     "temperature_sampling",
 ]

@@ -332,15 +332,34 @@ class CALMAutoencoder(CALMPreTrainedModel):
         self._check_latents(latents)
         return self.argmax_tokens(self.decoder(latents))
 
-    def argmax_tokens(self, hidden: torch.Tensor, rows_per_matmul: int = 256) -> torch.Tensor:
-        """Decoder states [*, a] -> argmax token ids [*], projecting `rows_per_matmul` states at a time.
+    def argmax_tokens(
+        self, hidden: torch.Tensor, vocab_block: int | None = None, rows_per_matmul: int = 512
+    ) -> torch.Tensor:
+        """Decoder states [*, a] -> argmax token ids [*] (the first maximum on ties, as `argmax`).
 
-        Bounds the logits buffer to rows_per_matmul x vocab_size (64 MiB in bf16 for the Llama 3 vocabulary).
+        Never holds more than rows_per_matmul x vocab_block logits. On CPU the vocabulary is taken 4096 rows at a
+        time, so that each block of logits stays in cache: an argmax over a [rows, 128257] bf16 buffer costs more
+        than the matmul that filled it. A few rows (one chunk per sequence at T = 1) are projected as
+        `weight @ states.T`, which streams the large weight as the matmul's first operand (about 2x faster on CPU).
         """
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        weight = self.encoder.embed_tokens.weight
-        ids = [F.linear(part, weight).argmax(-1) for part in flat.split(rows_per_matmul)]
-        return torch.cat(ids).reshape(hidden.shape[:-1]) if ids else flat.new_zeros(hidden.shape[:-1], dtype=torch.long)
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [n, a]
+        weight = self.encoder.embed_tokens.weight  # [V, a], tied with the encoder's embedding
+        num_rows, vocab_size = flat.shape[0], weight.shape[0]
+        if num_rows <= 64:
+            return (weight @ flat.T).argmax(0).reshape(hidden.shape[:-1])  # logits [V, n]
+        if vocab_block is None:
+            vocab_block = 4096 if flat.device.type == "cpu" else vocab_size
+        best_value = flat.new_full((num_rows,), float("-inf"))
+        best_index = torch.zeros(num_rows, dtype=torch.long, device=flat.device)
+        for start in range(0, vocab_size, vocab_block):
+            block = weight[start : start + vocab_block]
+            for first in range(0, num_rows, rows_per_matmul):
+                rows = slice(first, first + rows_per_matmul)
+                value, index = F.linear(flat[rows], block).max(-1)
+                better = value > best_value[rows]  # strict: on ties the earlier block (lower token id) stays
+                best_value[rows] = torch.where(better, value, best_value[rows])
+                best_index[rows] = torch.where(better, index + start, best_index[rows])
+        return best_index.reshape(hidden.shape[:-1])
 
     def _check_latents(self, latents: torch.Tensor) -> None:
         if latents.dim() < 2 or latents.shape[-1] != self.config.latent_size:

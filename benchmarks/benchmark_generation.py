@@ -4,14 +4,23 @@ backbone, and a faithful re-implementation of the authors' generation step, in o
     python benchmarks/benchmark_generation.py                       # CALM-M shapes, CPU, bf16 + fp32, batch 1 + 8
     python benchmarks/benchmark_generation.py --device cuda --dtypes bfloat16 --compile
     python benchmarks/benchmark_generation.py --shape tiny --repeats 2   # seconds, to check the script
+    python benchmarks/benchmark_generation.py --confident-head            # candidates that agree (shortlist pays)
+    python benchmarks/benchmark_generation.py --model calm_tiny_wikitext  # a trained model (Llama: same shape)
 
-Reports medians of new tokens/s and ms per step, peak memory above the loaded weights, and a warning where the
-spread of the repeats is large (shared machines are noisy). Writes JSON (--output) and a PNG plot (--plot).
+Columns: `llama` (transformers' LlamaForCausalLM.generate, greedy, same backbone shape), `calm` (this project's
+generate), `calm-full` (the same with shortlist_size=0: every pool position projected onto the whole vocabulary),
+`authors` (the reference's step: full decoder logits for every candidate, counted by a Python loop per row).
+Reports medians of new tokens/s and ms per step, the fraction of pool positions the shortlist certified, peak
+memory above the loaded weights (measured in a separate run, so that the sampling thread does not slow the timed
+ones), and a warning where the spread of the repeats is large (shared machines are noisy). Writes JSON (--output)
+and a PNG plot (--plot).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import math
 import statistics
@@ -28,8 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # the re
 try:
     from calm_transformers import CALMAutoencoderConfig, CALMConfig, CALMForCausalLM
 except ImportError:  # a checkout whose folder is not named calm_transformers
-    import importlib
-
     pkg = importlib.import_module(Path(__file__).resolve().parent.parent.name)
     CALMAutoencoderConfig, CALMConfig, CALMForCausalLM = pkg.CALMAutoencoderConfig, pkg.CALMConfig, pkg.CALMForCausalLM
 
@@ -56,9 +63,24 @@ SHAPES = {
 }
 
 
-def build_models(shape: str, dtype: torch.dtype, device: str) -> tuple[CALMForCausalLM, torch.nn.Module]:
+def build_models(
+    shape: str, dtype: torch.dtype, device: str, model_path: str | None = None, confident_head: bool = False
+) -> tuple[CALMForCausalLM, torch.nn.Module]:
+    """A CALM (random weights of `shape`, or loaded from `model_path`) and a random Llama of the same backbone."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if model_path is not None:
+        calm = CALMForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        llama_config = LlamaConfig(
+            **{f: getattr(calm.config, f) for f in fields},
+            num_key_value_heads=calm.config.num_key_value_heads,
+            max_position_embeddings=8192,
+            pad_token_id=calm.config.pad_token_id,
+            bos_token_id=calm.config.bos_token_id,
+            eos_token_id=calm.config.eos_token_id,
+        )
+        return calm, LlamaForCausalLM(llama_config).to(device=device, dtype=dtype).eval()
     s = SHAPES[shape]
     vocab = s["vocab_size"]
     ae = CALMAutoencoderConfig(
@@ -89,7 +111,11 @@ def build_models(shape: str, dtype: torch.dtype, device: str) -> tuple[CALMForCa
     torch.manual_seed(0)
     calm = CALMForCausalLM(config)
     with torch.no_grad():  # random weights: make the head's output depend on the noise (it is zero-initialised)
-        calm.generative_head.final_layer.linears[-1].weight.normal_(0, 0.02)
+        last = calm.generative_head.final_layer.linears[-1]
+        last.weight.normal_(0, 0.02)
+        if confident_head:  # a head that barely depends on its noise: the pool's candidates agree
+            last.weight.mul_(0.01)
+            last.bias.normal_(0, 1.0)
     calm = calm.to(device=device, dtype=dtype).eval()
     llama_config = LlamaConfig(
         vocab_size=vocab,
@@ -183,12 +209,42 @@ class PeakMemory:
             self.running = False
             self.thread.join()
         self.extra_mib = (self.peak - self.base) / 2**20
+        self.peak_total_mib = self.peak / 2**20
 
 
-def run_once(kind: str, calm, llama, prompt, max_new_tokens, temperature, num_samples, device) -> dict:
-    with PeakMemory(device) as memory:
+class PoolStats:
+    """Counts what the shortlist certified, by wrapping the generation module's ShortlistArgmax while in use."""
+
+    def __enter__(self) -> PoolStats:
+        self.module = importlib.import_module(CALMForCausalLM.__module__.rsplit(".", 1)[0] + ".generation_calm")
+        self.original = original = self.module.ShortlistArgmax
+        self.decoders: list = []
+
+        def counting(*args, **kwargs):
+            self.decoders.append(original(*args, **kwargs))
+            return self.decoders[-1]
+
+        self.module.ShortlistArgmax = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.module.ShortlistArgmax = self.original
+
+    def collect(self) -> tuple[int, int]:
+        """(certified, requested) candidate positions since the last call."""
+        certified = sum(d.certified for d in self.decoders)
+        requested = sum(d.requested for d in self.decoders)
+        self.decoders.clear()
+        return certified, requested
+
+
+def run_once(
+    kind: str, calm, llama, prompt, max_new_tokens, temperature, num_samples, device, measure_memory=False
+) -> dict:
+    memory = PeakMemory(device) if measure_memory else contextlib.nullcontext()
+    with memory:
         start, cpu_start = time.perf_counter(), time.process_time()
-        if kind == "calm":
+        if kind in ("calm", "calm-full"):
             out = calm.generate(
                 prompt,
                 max_new_tokens=max_new_tokens,
@@ -196,6 +252,7 @@ def run_once(kind: str, calm, llama, prompt, max_new_tokens, temperature, num_sa
                 temperature=temperature,
                 num_samples=num_samples,
                 eos_token_id=None,
+                shortlist_size=64 if kind == "calm" else 0,
             )
         elif kind == "authors":
             out = authors_generate(calm, prompt, max_new_tokens, temperature, num_samples)
@@ -211,6 +268,8 @@ def run_once(kind: str, calm, llama, prompt, max_new_tokens, temperature, num_sa
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         cpu_seconds = time.process_time() - cpu_start
+    if measure_memory:
+        return {"peak_mib": memory.extra_mib, "peak_total_mib": memory.peak_total_mib}
     new = (out.shape[1] - prompt.shape[1]) * out.shape[0]
     steps = math.ceil(max_new_tokens / calm.config.patch_size) if kind != "llama" else max_new_tokens
     return {
@@ -218,7 +277,6 @@ def run_once(kind: str, calm, llama, prompt, max_new_tokens, temperature, num_sa
         "ms_per_step": 1000 * seconds / steps,
         # CPU time of this process: on a shared CPU it is far less sensitive to other load than wall time.
         "cpu_ms_per_step": 1000 * cpu_seconds / steps,
-        "peak_mib": memory.extra_mib,
     }
 
 
@@ -245,9 +303,143 @@ def check_same_tokens(calm, prompt) -> bool:
     return torch.equal(ours, theirs)
 
 
+def ratio(results: list[dict], a: dict, b: dict) -> float | None:
+    """tokens/s of the row matching `a` over that of the row matching `b` (None if either is missing)."""
+
+    def find(match: dict) -> dict | None:
+        return next((r for r in results if all(r[k] == v for k, v in match.items())), None)
+
+    ra, rb = find(a), find(b)
+    return ra["tokens_per_s"] / rb["tokens_per_s"] if ra and rb else None
+
+
+def summary(results: list[dict], dtypes: list[str], batches: list[int], temperatures: list[float]) -> list[str]:
+    """The issue's targets as ratios measured in this run."""
+    lines = []
+    low = [t for t in temperatures if t < 1.0]
+    for dtype in dtypes:
+        for b in batches:
+            base = {"dtype": dtype, "batch": b}
+            checks = [
+                ("T=1 calm / llama", {"model": "calm", "temperature": 1.0}, {"model": "llama"}),
+                ("T=1 calm / authors", {"model": "calm", "temperature": 1.0}, {"model": "authors", "temperature": 1.0}),
+            ]
+            for t in low:
+                checks += [
+                    (
+                        f"T={t:g} calm / authors",
+                        {"model": "calm", "temperature": t},
+                        {"model": "authors", "temperature": t},
+                    ),
+                    (
+                        f"T={t:g} step / T=1 step (calm)",
+                        {"model": "calm", "temperature": 1.0},
+                        {"model": "calm", "temperature": t},
+                    ),
+                ]
+            for label, a, c in checks:
+                value = ratio(results, {**base, **a}, {**base, **c})
+                if value is not None:
+                    lines.append(f"{dtype:9} batch {b}: {label:32} {value:6.2f}x")
+            for t in low:
+                one = next(
+                    (
+                        r
+                        for r in results
+                        if r["model"] == "calm" and r["temperature"] == 1.0 and r["dtype"] == dtype and r["batch"] == b
+                    ),
+                    None,
+                )
+                pool = next(
+                    (
+                        r
+                        for r in results
+                        if r["model"] == "calm" and r["temperature"] == t and r["dtype"] == dtype and r["batch"] == b
+                    ),
+                    None,
+                )
+                if one and pool and one.get("peak_total_mib"):
+                    extra = (pool["peak_total_mib"] - one["peak_total_mib"]) / one["peak_total_mib"]
+                    lines.append(f"{dtype:9} batch {b}: T={t:g} peak memory vs T=1 (calm)      {extra:+6.1%}")
+    return lines
+
+
+def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
+    """Every case of one dtype: warm-up and peak memory, then interleaved timed repeats; medians."""
+    results = []
+    dtype = getattr(torch, dtype_name)
+    calm, llama = build_models(args.shape, dtype, args.device, args.model, args.confident_head)
+    print(
+        f"# {args.model or args.shape} {dtype_name} on {args.device}: same tokens as the authors' loop at T=1: "
+        f"{check_same_tokens(calm, torch.randint(3, 1000, (2, 8), device=args.device))}",
+        flush=True,
+    )
+    cases = [
+        (kind, b, t)
+        for b in args.batch_sizes
+        for kind in ("llama", "calm", "calm-full", "authors")
+        for t in ((None,) if kind == "llama" else args.temperatures)
+        if kind not in args.skip and not (kind == "calm-full" and t == 1.0)  # T=1 has no pool
+    ]
+    samples = {case: [] for case in cases}
+    prompts = {b: torch.randint(3, 1000, (b, args.prompt_length), device=args.device) for b in args.batch_sizes}
+
+    def run(case, **kwargs):
+        kind, batch, temperature = case
+        return run_once(
+            kind,
+            calm,
+            llama,
+            prompts[batch],
+            args.max_new_tokens,
+            temperature or 1.0,
+            args.num_samples,
+            args.device,
+            **kwargs,
+        )
+
+    pooled = {case: [0, 0] for case in cases}  # certified, requested
+    with PoolStats() as pool_stats:
+        for case in cases:  # warm-up, and peak memory in a run of its own (the sampling thread costs time)
+            run(case)
+            samples[case] = [run(case, measure_memory=True)]
+            pool_stats.collect()
+        for _ in range(args.repeats):  # interleaved: every case once per round
+            for case in cases:
+                samples[case].append(run(case))
+                certified, requested = pool_stats.collect()
+                pooled[case][0] += certified
+                pooled[case][1] += requested
+    for (kind, batch, temperature), (memory, *runs) in samples.items():
+        rates = [r["tokens_per_s"] for r in runs]
+        median = statistics.median(rates)
+        spread = (max(rates) - min(rates)) / median if median else 0.0
+        certified, requested = pooled[(kind, batch, temperature)]
+        results.append(
+            {
+                "model": kind,
+                "dtype": dtype_name,
+                "batch": batch,
+                "temperature": temperature,
+                "num_samples": args.num_samples if temperature not in (None, 1.0) else None,
+                "tokens_per_s": median,
+                "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
+                "cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in runs),
+                "peak_mib": memory["peak_mib"],
+                "peak_total_mib": memory["peak_total_mib"],
+                "certified": certified / requested if requested else None,
+                "spread": spread,
+                "runs": rates,
+            }
+        )
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="calm-m")
+    parser.add_argument("--model", default=None, help="a trained CALM folder instead of random weights of --shape")
+    parser.add_argument("--confident-head", action="store_true", help="random head that barely depends on its noise")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
@@ -256,80 +448,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[], help="columns to leave out: calm, llama, authors")
+    parser.add_argument("--skip", nargs="*", default=[], help="columns to leave out: llama, calm, calm-full, authors")
     parser.add_argument("--output", default="benchmarks/results.json")
     parser.add_argument("--plot", default="benchmarks/results.png")
     args = parser.parse_args(argv)
 
-    results = []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        calm, llama = build_models(args.shape, dtype, args.device)
-        print(
-            f"# {args.shape} {dtype_name} on {args.device}: same tokens as the authors' loop at T=1: "
-            f"{check_same_tokens(calm, torch.randint(2, 1000, (2, 8), device=args.device))}",
-            flush=True,
-        )
-        cases = [
-            (kind, b, t)
-            for b in args.batch_sizes
-            for kind in ("llama", "calm", "authors")
-            for t in ((None,) if kind == "llama" else args.temperatures)
-            if kind not in args.skip
-        ]
-        samples = {case: [] for case in cases}
-        prompts = {b: torch.randint(2, 1000, (b, args.prompt_length), device=args.device) for b in args.batch_sizes}
-        for case in cases:  # warm-up
-            run_once(case[0], calm, llama, prompts[case[1]], 4, case[2] or 1.0, args.num_samples, args.device)
-        for _ in range(args.repeats):  # interleaved: every case once per round
-            for case in cases:
-                kind, batch, temperature = case
-                samples[case].append(
-                    run_once(
-                        kind,
-                        calm,
-                        llama,
-                        prompts[batch],
-                        args.max_new_tokens,
-                        temperature or 1.0,
-                        args.num_samples,
-                        args.device,
-                    )
-                )
-        for (kind, batch, temperature), runs in samples.items():
-            rates = [r["tokens_per_s"] for r in runs]
-            median = statistics.median(rates)
-            spread = (max(rates) - min(rates)) / median if median else 0.0
-            results.append(
-                {
-                    "model": kind,
-                    "dtype": dtype_name,
-                    "batch": batch,
-                    "temperature": temperature,
-                    "num_samples": args.num_samples if temperature not in (None, 1.0) else None,
-                    "tokens_per_s": median,
-                    "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
-                    "cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in runs),
-                    "peak_mib": statistics.median(r["peak_mib"] for r in runs),
-                    "spread": spread,
-                    "runs": rates,
-                }
-            )
-        del calm, llama
+    results = [row for dtype_name in args.dtypes for row in measure(args, dtype_name)]
 
     print(
-        f"\n{'model':8} {'dtype':9} {'batch':>5} {'T':>5} {'tok/s':>9} {'ms/step':>9} {'cpu ms/step':>11} "
-        f"{'peak MiB':>9}  spread"
+        f"\n{'model':9} {'dtype':9} {'batch':>5} {'T':>5} {'tok/s':>9} {'ms/step':>9} {'cpu ms/step':>11} "
+        f"{'peak MiB':>9} {'certified':>9}  spread"
     )
     for r in results:
         t = "-" if r["temperature"] is None else f"{r['temperature']:g}"
         warn = "  <- noisy (>20%)" if r["spread"] > 0.2 else ""
+        certified = "-" if r["certified"] is None else f"{r['certified']:.0%}"
         print(
-            f"{r['model']:8} {r['dtype']:9} {r['batch']:>5} {t:>5} {r['tokens_per_s']:>9.1f} "
-            f"{r['ms_per_step']:>9.1f} {r['cpu_ms_per_step']:>11.1f} {r['peak_mib']:>9.0f}  {r['spread']:.0%}{warn}"
+            f"{r['model']:9} {r['dtype']:9} {r['batch']:>5} {t:>5} {r['tokens_per_s']:>9.1f} "
+            f"{r['ms_per_step']:>9.1f} {r['cpu_ms_per_step']:>11.1f} {r['peak_mib']:>9.0f} {certified:>9}  "
+            f"{r['spread']:.0%}{warn}"
         )
+    ratios = summary(results, args.dtypes, args.batch_sizes, args.temperatures)
+    print("\nRatios of medians, this run:\n" + "\n".join(ratios))
     meta = {
-        "shape": args.shape,
+        "shape": args.model or args.shape + (" (confident head)" if args.confident_head else ""),
         "device": args.device,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -337,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_length": args.prompt_length,
         "repeats": args.repeats,
     }
-    Path(args.output).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    Path(args.output).write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
     if args.plot:
         plot(results, args.plot, meta)
     return 0
@@ -353,7 +495,7 @@ def plot(results: list[dict], path: str, meta: dict) -> None:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
         return
     labels, values, colors = [], [], []
-    palette = {"llama": "tab:gray", "calm": "tab:blue", "authors": "tab:orange"}
+    palette = {"llama": "tab:gray", "calm": "tab:blue", "calm-full": "tab:cyan", "authors": "tab:orange"}
     for r in results:
         t = "" if r["temperature"] is None else f" T={r['temperature']:g}"
         labels.append(f"{r['model']}{t}\n{r['dtype'][:4]} b{r['batch']}")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from calm_transformers.generation_calm import align_prompts, temperature_sampling
+from calm_transformers.generation_calm import ShortlistArgmax, align_prompts, temperature_sampling
 from conftest import tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -240,6 +240,8 @@ def test_saved_generation_config_has_calm_defaults(tmp_path, model):
         (dict(num_samples=0), "num_samples"),
         (dict(num_beams=2), "num_beams"),
         (dict(prompt_alignment="middle"), "prompt_alignment"),
+        (dict(shortlist_size=1), "shortlist_size must be 0"),
+        (dict(shortlist_size=-3), "shortlist_size must be 0"),
         (dict(foo=1), "foo"),
     ],
 )
@@ -330,7 +332,7 @@ def test_bfloat16_generation(tmp_path, model):
 
 
 def test_identical_chunks_matches_full_decode():
-    from calm_transformers.generation_calm import identical_chunks
+    from calm_transformers.generation_calm import identical_chunks, plain_argmax
 
     torch.manual_seed(0)
     weight = torch.randn(7, 5)  # a 7-token vocabulary: many shared prefixes and duplicate chunks
@@ -348,8 +350,96 @@ def test_identical_chunks_matches_full_decode():
     states[:, 5:10] = states[:, :1]  # exact duplicates
     tokens = argmax_tokens(states)  # [3, 40, 4]
     expected = (tokens.unsqueeze(2) == tokens.unsqueeze(1)).all(-1)
-    assert torch.equal(identical_chunks(states, counting), expected)
+    assert torch.equal(identical_chunks(states, lambda s, a: plain_argmax(s, a, counting)), expected)
     assert sum(projected) < 3 * 40 * 4  # and it projected fewer states than the full decode
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [3, 64, 65, 700])
+def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows):
+    """Blocked over rows and vocabulary (and `weight @ states.T` for few rows): the argmax of the full logits,
+    the first maximum on ties."""
+    ae = tiny_model().ae_model.to(dtype)
+    weight = ae.encoder.embed_tokens.weight
+    with torch.no_grad():
+        weight[40] = weight[7]  # token 40 always ties with token 7: 7 must win
+        weight[61] = weight[60]
+    states = torch.randn(num_rows, weight.shape[1], dtype=dtype)
+    states[: num_rows // 3] = weight[7] + 0.01 * states[: num_rows // 3]  # rows whose argmax is 7 (tied with 40)
+    expected = torch.nn.functional.linear(states, weight).argmax(-1)
+    assert bool((expected == 7).any())
+    for blocks in ({}, {"vocab_block": 7, "rows_per_matmul": 5}, {"vocab_block": 40, "rows_per_matmul": 64}):
+        assert torch.equal(ae.argmax_tokens(states, **blocks), expected), blocks
+
+
+def _pool_states(agree: bool, dtype=torch.float32, rows: int = 3, candidates: int = 50):
+    """Decoder states of candidate pools: near copies of one state per row (a confident trained model), or diverse."""
+    ae = tiny_model(vocab_size=500).ae_model
+    with torch.no_grad():
+        ae.encoder.embed_tokens.weight.normal_()  # trained embeddings are far from the 0.02-std initialisation
+    ae = ae.to(dtype)
+    weight = ae.encoder.embed_tokens.weight
+    base = 3 * weight[torch.tensor([11, 250, 499])][:rows, None]  # [R, 1, a]: a clear favourite token per row
+    spread = 0.02 if agree else 3.0
+    states = (base + spread * torch.randn(rows, candidates, weight.shape[1])).to(dtype)
+    return ae, weight, states
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("agree", [True, False])
+def test_certified_argmax_equals_plain(agree, dtype):
+    from calm_transformers.generation_calm import certified_argmax, plain_argmax
+
+    torch.manual_seed(0)
+    ae, weight, states = _pool_states(agree, dtype)
+    active = torch.rand(states.shape[:2]) < 0.8
+    active[2] = False  # a row with nothing to decode
+    projected = []
+
+    def counting(x):
+        projected.append(x.shape[0])
+        return ae.argmax_tokens(x)
+
+    norm = torch.linalg.vector_norm(weight, dim=-1, dtype=torch.float32).max().item()
+    tokens = certified_argmax(states, active, weight, norm, counting, shortlist_size=16)
+    assert torch.equal(tokens, plain_argmax(states, active, ae.argmax_tokens))
+    assert bool((tokens[~active] == -1).all())
+    if agree:
+        assert sum(projected) == 0  # every candidate certified from the shortlist
+    else:
+        assert sum(projected) > 0.5 * int(active.sum())  # the certificate fails and falls back
+
+
+def test_certified_argmax_ties_and_whole_vocabulary_shortlist():
+    from calm_transformers.generation_calm import certified_argmax, plain_argmax
+
+    ae, weight, states = _pool_states(True)
+    with torch.no_grad():
+        weight[12] = weight[11]  # row 0's favourite has an exact twin with a higher id
+    norm = torch.linalg.vector_norm(weight, dim=-1).max().item()
+    active = torch.ones(states.shape[:2], dtype=torch.bool)
+    plain = plain_argmax(states, active, ae.argmax_tokens)
+    assert bool((plain[0] == 11).all())
+    for size in (16, 500, 10_000):  # the shortlist may cover the whole vocabulary
+        assert torch.equal(certified_argmax(states, active, weight, norm, ae.argmax_tokens, size), plain)
+
+
+def test_shortlist_argmax_backs_off_when_it_does_not_pay():
+    from calm_transformers.generation_calm import ShortlistArgmax
+
+    ae, _, diverse = _pool_states(False)
+    _, _, agreeing = _pool_states(True)
+    active = torch.ones(diverse.shape[:2], dtype=torch.bool)
+    decode = ShortlistArgmax(ae, shortlist_size=16, backoff=2)
+    decode(agreeing, active)
+    assert decode.certified == decode.requested == active.numel() and decode.skip == 0
+    decode(diverse, active)  # fails the certificate: the next two calls project in full
+    assert decode.skip == 2 and decode.certified < decode.requested
+    requested = decode.requested
+    decode(agreeing, active), decode(agreeing, active)
+    assert decode.requested == requested and decode.skip == 0
+    decode(agreeing, active)
+    assert decode.requested == requested + active.numel()
 
 
 @pytest.mark.parametrize("temperature,do_sample", [(0.5, True), (1 / 3, True), (0.4, True), (0.5, False)])
@@ -365,3 +455,63 @@ def test_fast_pool_decode_equals_plain_path(model, temperature, do_sample):
         candidates = model.ae_model.decode_tokens(latents.unsqueeze(2))  # [3, 64, K]
     choice = temperature_sampling(candidates, temperature, do_sample, torch.Generator().manual_seed(5))
     assert torch.equal(fast, candidates[torch.arange(3), choice])
+    shortlist = model._next_chunk(
+        hidden,
+        64,
+        temperature,
+        do_sample,
+        torch.Generator().manual_seed(5),
+        lambda shape, device, dtype: noise,
+        ShortlistArgmax(model.ae_model, shortlist_size=8),
+    )
+    assert torch.equal(shortlist, fast)
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_generate_with_and_without_shortlist(agree, monkeypatch):
+    """The default shortlist decode against shortlist_size=0 (every pool projected in full): same seed, same
+    tokens, on a model whose candidates agree (a confident head) and on one whose candidates are diverse."""
+    from calm_transformers import generation_calm
+
+    decoders = []
+    monkeypatch.setattr(
+        generation_calm, "ShortlistArgmax", lambda *a, **k: decoders.append(ShortlistArgmax(*a, **k)) or decoders[-1]
+    )
+    model = tiny_model(vocab_size=500)
+    with torch.no_grad():
+        model.ae_model.encoder.embed_tokens.weight.normal_()
+        if agree:  # the head's sample barely depends on its noise: near copies of one latent per step
+            model.generative_head.final_layer.linears[-1].weight.mul_(0.01)
+            model.generative_head.final_layer.linears[-1].bias.normal_(0, 3)
+    prompt = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    outputs = [
+        model.generate(
+            prompt,
+            max_new_tokens=24,
+            temperature=0.5,
+            num_samples=32,
+            eos_token_id=None,
+            shortlist_size=size,
+            generator=torch.Generator().manual_seed(1),
+        )
+        for size in (0, 8, 64)
+    ]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    assert len(decoders) == 2  # shortlist_size=0 projects in full
+    for decoder in decoders:
+        if agree:
+            assert decoder.certified == decoder.requested > 0
+        else:
+            assert decoder.certified < 0.2 * decoder.requested
+
+
+def test_shortlist_bound_follows_weight_changes():
+    """The cached max_v |w_v| (a read of the whole weight) is recomputed when the weight changes in place."""
+    from calm_transformers.generation_calm import ShortlistArgmax
+
+    ae, weight, _ = _pool_states(True)
+    first = ShortlistArgmax(ae)._max_row_norm()
+    assert first == pytest.approx(weight.norm(dim=-1).max().item())
+    with torch.no_grad():
+        weight[3] *= 10
+    assert ShortlistArgmax(ae)._max_row_norm() == pytest.approx(weight.norm(dim=-1).max().item()) != first

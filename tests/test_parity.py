@@ -28,7 +28,7 @@ def test_autoencoder_decode(fixture_model, reference):
     logits = fixture_model.ae_model.decode(reference["ae_mean"])
     assert max_diff(logits, reference["ae_logits_at_mean"], "ae_logits_at_mean") < TOL
     tokens = fixture_model.ae_model.argmax_tokens(
-        fixture_model.ae_model.decoder(reference["ae_mean"]), rows_per_matmul=7
+        fixture_model.ae_model.decoder(reference["ae_mean"]), vocab_block=7, rows_per_matmul=3
     )
     assert torch.equal(tokens, reference["ae_logits_at_mean"].argmax(-1))
 
