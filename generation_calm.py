@@ -386,6 +386,8 @@ class CALMGenerationMixin(GenerationMixin):
 
         chunk_mask = token_mask.reshape(batch_size, -1, k).any(-1).long()  # [B, P]
         position_ids = (chunk_mask.cumsum(-1) - 1).clamp(min=0)
+        if bool(chunk_mask.all()):  # no fully padded chunk: the backbone's own causal mask and positions are these
+            chunk_mask = position_ids = None  # and building a mask every step costs time
         chunk_embeds = self.embed_chunks(ids, token_mask)
         cache = None
         new_tokens = input_ids.new_zeros(batch_size, 0)
@@ -414,8 +416,9 @@ class CALMGenerationMixin(GenerationMixin):
                 break
 
             chunk_embeds = self.embed_chunks(chunk)
-            chunk_mask = torch.cat([chunk_mask, chunk_mask.new_ones(batch_size, 1)], dim=-1)
-            position_ids = position_ids[:, -1:] + 1
+            if chunk_mask is not None:
+                chunk_mask = torch.cat([chunk_mask, chunk_mask.new_ones(batch_size, 1)], dim=-1)
+                position_ids = position_ids[:, -1:] + 1
 
         if streamer is not None:
             streamer.end()
