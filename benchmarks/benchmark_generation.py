@@ -2,7 +2,7 @@
 backbone, and a faithful re-implementation of the authors' generation step, in one run with interleaved repeats.
 
     python benchmarks/benchmark_generation.py                       # CALM-M shapes, CPU, bf16 + fp32, batch 1 + 8
-    python benchmarks/benchmark_generation.py --device cuda --dtypes bfloat16 --compile
+    python benchmarks/benchmark_generation.py --device cuda --dtypes bfloat16
     python benchmarks/benchmark_generation.py --shape tiny --repeats 2   # seconds, to check the script
     python benchmarks/benchmark_generation.py --confident-head            # candidates that agree (shortlist pays)
     python benchmarks/benchmark_generation.py --model calm_tiny_wikitext  # a trained model (Llama: same shape)
