@@ -35,14 +35,9 @@ if __package__:  # imported as calm_transformers.convert_checkpoint
     from .configuration_calm import CALMAutoencoderConfig, CALMConfig
     from .modeling_calm import CALMAutoencoder, CALMForCausalLM
 else:  # run as `python convert_checkpoint.py`: import the folder this file is in as the package it is
-    import importlib.util
+    import _script_mode
 
-    _root = Path(__file__).resolve().parent
-    _spec = importlib.util.spec_from_file_location(
-        "calm_transformers", _root / "__init__.py", submodule_search_locations=[str(_root)]
-    )
-    sys.modules["calm_transformers"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["calm_transformers"])
+    _script_mode.import_package()
     from calm_transformers.configuration_calm import CALMAutoencoderConfig, CALMConfig
     from calm_transformers.modeling_calm import CALMAutoencoder, CALMForCausalLM
 
