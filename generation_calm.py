@@ -361,13 +361,9 @@ class CALMGenerationMixin(GenerationMixin):
         temperature = 1.0 if generation_config.temperature is None else float(generation_config.temperature)
         do_sample = bool(generation_config.do_sample)
         pool_size = 1 if (do_sample and temperature == 1.0) else generation_config.num_samples
-        pool_argmax = None
-        if pool_size > 1:
-            pool_argmax = (
-                ShortlistArgmax(self.ae_model, generation_config.shortlist_size)
-                if generation_config.shortlist_size
-                else partial(plain_argmax, argmax_tokens=self.ae_model.argmax_tokens)
-            )
+        pool_argmax = None  # _next_chunk's default: plain_argmax
+        if pool_size > 1 and generation_config.shortlist_size:
+            pool_argmax = ShortlistArgmax(self.ae_model, generation_config.shortlist_size)
 
         ids, token_mask = align_prompts(input_ids, attention_mask, k, pad_token_id, generation_config.prompt_alignment)
         num_chunks = ids.shape[1] // k + -(-max_new_tokens // k)

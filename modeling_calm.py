@@ -337,10 +337,11 @@ class CALMAutoencoder(CALMPreTrainedModel):
     ) -> torch.Tensor:
         """Decoder states [*, a] -> argmax token ids [*] (the first maximum on ties, as `argmax`).
 
-        Never holds more than rows_per_matmul x vocab_block logits. On CPU the vocabulary is taken 4096 rows at a
-        time, so that each block of logits stays in cache: an argmax over a [rows, 128257] bf16 buffer costs more
-        than the matmul that filled it. A few rows (one chunk per sequence at T = 1) are projected as
-        `weight @ states.T`, which streams the large weight as the matmul's first operand (about 2x faster on CPU).
+        Up to 64 rows (one chunk per sequence at T = 1) are projected at once as `weight @ states.T`, which
+        streams the large weight as the matmul's first operand (about 2x faster on CPU). More rows are projected
+        rows_per_matmul x vocab_block logits at a time, with a running maximum; on CPU vocab_block is 4096, so that
+        each block stays in cache: an argmax over a [rows, 128257] bf16 buffer costs more than the matmul that
+        filled it.
         """
         flat = hidden.reshape(-1, hidden.shape[-1])  # [n, a]
         weight = self.encoder.embed_tokens.weight  # [V, a], tied with the encoder's embedding
