@@ -42,8 +42,17 @@ else:  # run as `python convert_checkpoint.py`: import the folder this file is i
     from calm_transformers.modeling_calm import CALMAutoencoder, CALMForCausalLM
 
 # Fields of the authors' configs that are not model architecture (or that we set ourselves).
-_DROPPED_FIELDS = ("architectures", "ae_path", "model_type", "torch_dtype", "dtype", "transformers_version",
-                   "pretraining_tp", "_name_or_path", "auto_map")
+_DROPPED_FIELDS = (
+    "architectures",
+    "ae_path",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "pretraining_tp",
+    "_name_or_path",
+    "auto_map",
+)
 AE_PREFIX = "ae_model."
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -519,9 +528,13 @@ def model_card(model: CALMForCausalLM, name: str, command: str, has_tokenizer: b
     lm_params = sum(p.numel() for p in model.parameters()) - ae_params
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     heads = f"{config.num_attention_heads} heads ({config.num_key_value_heads} key-value heads)"
-    tokenizer_note = "" if has_tokenizer else (
-        "\n> This folder has no tokenizer: load one separately (the released CALM models use the Llama 3 tokenizer "
-        "plus a `[PAD]` token) and pass it as `tokenizer=` to `pipeline`.\n"
+    tokenizer_note = (
+        ""
+        if has_tokenizer
+        else (
+            "\n> This folder has no tokenizer: load one separately (the released CALM models use the Llama 3 tokenizer "
+            "plus a `[PAD]` token) and pass it as `tokenizer=` to `pipeline`.\n"
+        )
     )
     return f"""---
 library_name: transformers
@@ -661,10 +674,19 @@ def verify_conversion(
         torch.save(probe, os.path.join(scratch, "probe.pt"))
         script = _VERIFY_SCRIPT.replace("PROBE_OUTPUTS", inspect.getsource(probe_outputs))
         # Offline, and an empty module cache: only the folder's own files can be used.
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "HF_MODULES_CACHE": os.path.join(scratch, "modules")}
-        args = [str(Path(folder).resolve()), os.path.join(scratch, "probe.pt"), os.path.join(scratch, "result.pt"),
-                str(dtype).removeprefix("torch."), model.config._attn_implementation or ""]
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_MODULES_CACHE": os.path.join(scratch, "modules"),
+        }
+        args = [
+            str(Path(folder).resolve()),
+            os.path.join(scratch, "probe.pt"),
+            os.path.join(scratch, "result.pt"),
+            str(dtype).removeprefix("torch."),
+            model.config._attn_implementation or "",
+        ]
         result = subprocess.run(
             [sys.executable, "-c", script, *args], cwd=scratch, env=env, capture_output=True, text=True
         )
@@ -673,8 +695,10 @@ def verify_conversion(
         got = torch.load(os.path.join(scratch, "result.pt"), weights_only=True)
 
     tolerance = VERIFY_TOLERANCE[dtype]
-    print(f"Verification: the output loaded with AutoModelForCausalLM (trust_remote_code=True, "
-          f"{str(dtype).removeprefix('torch.')}) in a fresh process; max abs difference from the source model:")
+    print(
+        f"Verification: the output loaded with AutoModelForCausalLM (trust_remote_code=True, "
+        f"{str(dtype).removeprefix('torch.')}) in a fresh process; max abs difference from the source model:"
+    )
     diffs, failed = {}, []
     for name, want in expected.items():
         want = want.float()
@@ -737,7 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--calm", required=True, metavar="DIR", help="CALM checkpoint folder (config.json + weights)")
     parser.add_argument(
-        "--autoencoder", metavar="DIR",
+        "--autoencoder",
+        metavar="DIR",
         help="the autoencoder checkpoint folder; if the CALM checkpoint also holds ae_model.* weights, they must agree",
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="the folder to write")
@@ -762,9 +787,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--private needs --push-to-hub")
     try:
         convert(
-            args.calm, args.output, autoencoder=args.autoencoder, tokenizer=args.tokenizer, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, force=args.force, verify=not args.no_verify,
-            push_to_hub=args.push_to_hub, private=args.private,
+            args.calm,
+            args.output,
+            autoencoder=args.autoencoder,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            force=args.force,
+            verify=not args.no_verify,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
         )
     except (CheckpointError, ConversionError, NotImplementedError, OSError) as error:
         print(f"calm-convert: error: {error}", file=sys.stderr)

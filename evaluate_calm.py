@@ -64,9 +64,11 @@ def load_documents(path: str | Path, text_field: str = "text") -> list[str]:
     if path.suffix not in (".json", ".jsonl"):
         return [content]
     stripped = content.lstrip()
-    records = json.loads(stripped) if stripped.startswith("[") else [
-        json.loads(line) for line in content.splitlines() if line.strip()
-    ]
+    records = (
+        json.loads(stripped)
+        if stripped.startswith("[")
+        else [json.loads(line) for line in content.splitlines() if line.strip()]
+    )
     documents = []
     for number, record in enumerate(records, start=1):
         if isinstance(record, str):
@@ -330,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=DEFAULT_DATA,
-        help=".jsonl/.json (one {\"text\": ...} per line) or a text file (default: the WikiText-103 test documents "
+        help='.jsonl/.json (one {"text": ...} per line) or a text file (default: the WikiText-103 test documents '
         "in ../shared/data)",
     )
     parser.add_argument("--text-field", default="text", help="the JSON field holding each document's text")
@@ -378,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     result = evaluate_brierlm(
-        model, blocks, args.batch_size, args.seed, progress=not args.no_progress,
+        model,
+        blocks,
+        args.batch_size,
+        args.seed,
+        progress=not args.no_progress,
         rollout_batch_size=args.rollout_batch_size,
     )
     result.update(

@@ -85,27 +85,62 @@ def sample_from_pool(
 ArgmaxRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def identical_chunks(states: torch.Tensor, argmax_rows: ArgmaxRows) -> torch.Tensor:
-    """Which candidates decode to the same chunk, projecting as few decoder states onto the vocabulary as possible.
+def identical_chunks(
+    chunk_states: torch.Tensor,
+    token_state: Callable[[torch.Tensor, int], torch.Tensor],
+    patch_size: int,
+    argmax_rows: ArgmaxRows,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which candidates decode to the same chunk, decoding as few of their tokens as possible.
 
-    states: [B, N, K, a] decoder states of N candidate chunks; argmax_rows(states [B, N, a], active [B, N]) -> token
-    ids [B, N] of the active states (-1 elsewhere), e.g. `plain_argmax` or `certified_argmax`.
-    Returns same [B, N, N] bool, exactly `(tokens_i == tokens_j).all()` of the fully decoded chunks.
+    chunk_states: [B, N, c] one state per candidate chunk, and token_state(chunk_states [n, c], position) -> [n, a]
+    the decoder state of one of its K tokens (`CALMDecoder.chunk_state` / `token_state`); argmax_rows(states
+    [B, N, a], active [B, N]) -> token ids [B, N] of the active states (-1 elsewhere), e.g. `plain_argmax` or
+    `certified_argmax`. Returns same [B, N, N] bool, exactly `(tokens_i == tokens_j).all()` of the decoded chunks,
+    and the tokens decoded on the way, [B, N, K] with -1 after the prefix that made a candidate unique.
 
-    Position by position: a candidate whose prefix is already unique in its row is a chunk of its own (count 1)
-    whatever its later tokens are, so only candidates that share their prefix with another need the next
-    position. With diverse candidates most of the pool is settled after the first token. (The vocabulary
-    projection, V x a per position, is ~95% of a candidate decode.)
+    Token by token: a candidate whose prefix is already unique in its row is a chunk of its own (count 1)
+    whatever its later tokens are, so only candidates that share their prefix with another need the next token.
+    With diverse candidates most of the pool is settled after the first token. (The vocabulary projection,
+    V x a per token, is ~95% of a candidate decode.)
     """
-    batch_size, num_candidates, patch_size, _ = states.shape
-    same = torch.ones(batch_size, num_candidates, num_candidates, dtype=torch.bool, device=states.device)
+    batch_size, num_candidates, _ = chunk_states.shape
+    same = torch.ones(batch_size, num_candidates, num_candidates, dtype=torch.bool, device=chunk_states.device)
+    tokens = torch.full((batch_size, num_candidates, patch_size), -1, dtype=torch.long, device=chunk_states.device)
     for position in range(patch_size):
         shared = same.sum(-1) >= 2  # [B, N]: prefix seen elsewhere in the row
         if position > 0 and not bool(shared.any()):
             break
-        tokens = argmax_rows(states[:, :, position], shared)  # [B, N], -1 for settled candidates
-        same &= tokens.unsqueeze(2) == tokens.unsqueeze(1)  # a settled candidate (-1) only keeps itself
-    return same
+        decoded = token_state(chunk_states[shared], position)  # [n, a], only the candidates still in question
+        states = decoded.new_zeros(batch_size, num_candidates, decoded.shape[-1])
+        states[shared] = decoded
+        tokens[:, :, position] = argmax_rows(states, shared)  # [B, N], -1 for settled candidates
+        same &= tokens[:, :, position].unsqueeze(2) == tokens[:, :, position].unsqueeze(1)  # -1 only keeps itself
+    return same, tokens
+
+
+def complete_chunks(
+    tokens: torch.Tensor,
+    chunk_states: torch.Tensor,
+    token_state: Callable[[torch.Tensor, int], torch.Tensor],
+    argmax_tokens: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Decode the tokens a pool left undecoded (-1): tokens [B, K], chunk_states [B, c] -> tokens [B, K].
+
+    All missing tokens go through one `argmax_tokens` call: each call reads the whole V x a projection.
+    """
+    missing = tokens < 0  # [B, K]: the tokens after the prefix that made the chunk unique in its pool
+    if not bool(missing.any()):
+        return tokens
+    where = [
+        (missing[:, position], position) for position in range(tokens.shape[1]) if bool(missing[:, position].any())
+    ]
+    states = torch.cat([token_state(chunk_states[rows], position) for rows, position in where])  # [n, a]
+    decoded = argmax_tokens(states).split([int(rows.sum()) for rows, _ in where])
+    tokens = tokens.clone()
+    for (rows, position), column in zip(where, decoded, strict=True):
+        tokens[rows, position] = column
+    return tokens
 
 
 def plain_argmax(
@@ -445,13 +480,18 @@ class CALMGenerationMixin(GenerationMixin):
             )
             noise = noise_sampler(shape, hidden.device, hidden.dtype).reshape(batch_size, pool_size, -1)
         latents = self.generative_head.sample(hidden, noise, generator=generator)  # [B, N, l]
-        states = self.ae_model.decoder(latents.unsqueeze(2))  # [B, N, K, a]: cheap next to the projection
         if pool_size > 1:
+            decoder = self.ae_model.decoder
             pool_argmax = pool_argmax or partial(plain_argmax, argmax_tokens=self.ae_model.argmax_tokens)
-            same = identical_chunks(states, pool_argmax)
+            chunk_states = decoder.chunk_state(latents)  # [B, N, a]
+            same, tokens = identical_chunks(chunk_states, decoder.token_state, self.config.patch_size, pool_argmax)
             choice = sample_from_pool(same, temperature, do_sample, generator)  # [B]
-            states = states[torch.arange(batch_size, device=states.device), choice].unsqueeze(1)
-        return self.ae_model.argmax_tokens(states[:, 0])  # [B, K]: only the chosen chunk is decoded in full
+            rows = torch.arange(batch_size, device=latents.device)
+            # The chosen chunk's tokens as counted; only the ones after its unique prefix are still to decode.
+            return complete_chunks(
+                tokens[rows, choice], chunk_states[rows, choice], decoder.token_state, self.ae_model.argmax_tokens
+            )
+        return self.ae_model.decode_tokens(latents)  # [B, 1, l] -> [B, K]
 
 
 __all__ = [
@@ -460,6 +500,7 @@ __all__ = [
     "align_prompts",
     "ShortlistArgmax",
     "certified_argmax",
+    "complete_chunks",
     "identical_chunks",
     "plain_argmax",
     "sample_from_pool",

@@ -52,17 +52,33 @@ STAGES = ("tokenizer", "autoencoder", "lm", "ar")
 # The recipe of the small model shipped in `calm_tiny_wikitext/` (overridable with --set key=value).
 DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
     "autoencoder": {
-        "hidden_size": 128, "intermediate_size": 256, "num_encoder_layers": 2, "num_decoder_layers": 2,
-        "latent_size": 64, "patch_size": 4, "kl_weight": 0.01,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_encoder_layers": 2,
+        "num_decoder_layers": 2,
+        "latent_size": 64,
+        "patch_size": 4,
+        "kl_weight": 0.01,
     },
     "lm": {
-        "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "noise_size": 64, "num_mlp_layers": 2, "num_samples": 8,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "noise_size": 64,
+        "num_mlp_layers": 2,
+        "num_samples": 8,
         "max_position_embeddings": 512,
     },
     "ar": {
-        "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "max_position_embeddings": 2048, "tie_word_embeddings": True,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
     },
 }
 # No weight decay for the autoencoder: a rare token's embedding would decay between the few steps that update it.
@@ -366,11 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--autoencoder", help="trained autoencoder folder (lm stage); its tokenizer is used")
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer stage: BPE vocabulary size")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="model config field (repeatable), e.g. --set hidden_size=128 --set num_hidden_layers=4",
     )
-    parser.add_argument("--random-chunks", type=float, default=0.2, help="autoencoder stage: fraction of training "
-                        "chunks replaced by random tokens, to learn the whole vocabulary (default 0.2)")
+    parser.add_argument(
+        "--random-chunks",
+        type=float,
+        default=0.2,
+        help="autoencoder stage: fraction of training "
+        "chunks replaced by random tokens, to learn the whole vocabulary (default 0.2)",
+    )
     parser.add_argument("--block-size", type=int, default=512, help="tokens per training row (a multiple of K)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)")
@@ -384,13 +409,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-steps", type=int, default=0, help="evaluate every N optimizer steps (0: at the end)")
-    parser.add_argument("--eval-blocks", type=int, default=0, help="held-out blocks for evaluation during training "
-                        "(0: all); the final evaluation always uses all")
+    parser.add_argument(
+        "--eval-blocks",
+        type=int,
+        default=0,
+        help="held-out blocks for evaluation during training (0: all); the final evaluation always uses all",
+    )
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--no-remote-code", action="store_true", help="save without copies of the modeling code "
-                        "(the folder then loads with calm_transformers installed, not with trust_remote_code)")
+    parser.add_argument(
+        "--no-remote-code",
+        action="store_true",
+        help="save without copies of the modeling code "
+        "(the folder then loads with calm_transformers installed, not with trust_remote_code)",
+    )
     return parser
 
 

@@ -119,9 +119,22 @@ def converted(inputs, tmp_path_factory) -> dict:
     folders = {name: cc.convert(output=out / name, verify=False, progress=False, **kw) for name, kw in cases.items()}
 
     script = subprocess.run(
-        [sys.executable, "convert_checkpoint.py", "--calm", str(fixture / "calm"), "--output", str(out / "bf16"),
-         "--dtype", "bfloat16", "--tokenizer", str(inputs["tokenizer"])],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "convert_checkpoint.py",
+            "--calm",
+            str(fixture / "calm"),
+            "--output",
+            str(out / "bf16"),
+            "--dtype",
+            "bfloat16",
+            "--tokenizer",
+            str(inputs["tokenizer"]),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert script.returncode == 0, script.stdout + script.stderr[-3000:]
     folders["bf16"] = out / "bf16"
@@ -200,10 +213,17 @@ def parity(converted) -> dict:
     scratch = converted["folders"]["bin"].parent
     result = subprocess.run(
         [sys.executable, "-c", PARITY_SCRIPT, str(FIXTURE / "reference.pt"), json.dumps(folders), "parity.json"],
-        cwd=scratch, capture_output=True, text=True, timeout=300,
+        cwd=scratch,
+        capture_output=True,
+        text=True,
+        timeout=300,
         # An empty module cache: only each folder's own code files can be used.
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-             "HF_MODULES_CACHE": str(scratch / "modules")},
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_MODULES_CACHE": str(scratch / "modules"),
+        },
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((scratch / "parity.json").read_text())
@@ -418,8 +438,11 @@ def test_verification_fails_when_the_folder_differs(converted, capsys):
         model.embed_proj[0].bias += 1e-3  # the source now differs from what was written; the autoencoder does not
     with pytest.raises(cc.ConversionError, match="verification failed: backbone hidden, head sample differ"):
         cc.verify_conversion(model, converted["folders"]["bin"])
-    rows = {" ".join(line.split()[:2]): float(line.split()[2]) for line in capsys.readouterr().out.splitlines()
-            if "(tolerance 1.0e-05)" in line}  # float32: an absolute tolerance
+    rows = {
+        " ".join(line.split()[:2]): float(line.split()[2])
+        for line in capsys.readouterr().out.splitlines()
+        if "(tolerance 1.0e-05)" in line
+    }  # float32: an absolute tolerance
     assert rows["autoencoder mean"] == rows["autoencoder log_std"] == rows["decoder logits"] == 0.0
     assert rows["backbone hidden"] > 1e-5 and rows["head sample"] > 1e-5
 

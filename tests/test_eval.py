@@ -32,8 +32,15 @@ CORPUS = [
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     fields = dict(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     config = LlamaConfig(**{**fields, **overrides})
     return LlamaForCausalLM(config).eval()
@@ -230,7 +237,13 @@ def context_dependent_model(family: str) -> torch.nn.Module:
     if family == "gpt2":  # absolute positions, tied embeddings
         torch.manual_seed(0)
         config = GPT2Config(
-            vocab_size=4, n_embd=16, n_layer=2, n_head=2, n_positions=16, initializer_range=0.3, bos_token_id=1,
+            vocab_size=4,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=16,
+            initializer_range=0.3,
+            bos_token_id=1,
             eos_token_id=2,
         )
         return GPT2LMHeadModel(config).eval()
@@ -303,8 +316,26 @@ def calm_folder(tmp_path_factory, tokenizer_folder):
 
 def test_cli_calm_writes_json(calm_folder, data_file, tmp_path, capsys):
     output = tmp_path / "result.json"
-    argv = ["--model", str(calm_folder), "--data", str(data_file), "--block-size", "16", "--batch-size", "2",
-            "--max-blocks", "5", "--documents-from", "1", "--documents-to", "9", "--seed", "1", "--output", str(output)]
+    argv = [
+        "--model",
+        str(calm_folder),
+        "--data",
+        str(data_file),
+        "--block-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--max-blocks",
+        "5",
+        "--documents-from",
+        "1",
+        "--documents-to",
+        "9",
+        "--seed",
+        "1",
+        "--output",
+        str(output),
+    ]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(output.read_text()) == printed
@@ -318,8 +349,19 @@ def test_cli_discrete_model(tokenizer_folder, data_file, tmp_path, capsys):
 
     folder = tmp_path / "llama"
     tiny_llama(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_folder))).save_pretrained(folder)
-    argv = ["--model", str(folder), "--tokenizer", str(tokenizer_folder), "--data", str(data_file),
-            "--block-size", "24", "--max-blocks", "3", "--no-progress"]
+    argv = [
+        "--model",
+        str(folder),
+        "--tokenizer",
+        str(tokenizer_folder),
+        "--data",
+        str(data_file),
+        "--block-size",
+        "24",
+        "--max-blocks",
+        "3",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["estimator"] == "discrete" and printed["num_positions_per_n"] == [3 * (24 - n) for n in range(1, 5)]
@@ -345,10 +387,26 @@ def test_cli_errors(calm_folder, data_file, tmp_path, capsys):
 def test_cli_runs_as_a_script(calm_folder, data_file, tmp_path, monkeypatch):
     """`python evaluate_calm.py` from the repository root (imports without the installed package) and `python -m`."""
     output = tmp_path / "script.json"
-    argv = ["--model", str(calm_folder), "--data", str(data_file), "--block-size", "16", "--max-blocks", "2",
-            "--output", str(output)]
-    run = subprocess.run([sys.executable, "evaluate_calm.py", *argv], cwd=REPO, capture_output=True, text=True,
-                         timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    argv = [
+        "--model",
+        str(calm_folder),
+        "--data",
+        str(data_file),
+        "--block-size",
+        "16",
+        "--max-blocks",
+        "2",
+        "--output",
+        str(output),
+    ]
+    run = subprocess.run(
+        [sys.executable, "evaluate_calm.py", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(output.read_text())["num_blocks"] == 2
 

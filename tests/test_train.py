@@ -32,10 +32,24 @@ SHIPPED = REPO / "calm_tiny_wikitext"
 WORDS = "zero one two three four five six seven eight nine".split()
 TINY = {  # --set overrides that make each stage's model tiny
     "autoencoder": ["hidden_size=32", "intermediate_size=64", "latent_size=8", "ae_dropout=0.05"],
-    "lm": ["hidden_size=32", "intermediate_size=64", "num_hidden_layers=1", "num_attention_heads=2",
-           "num_key_value_heads=2", "noise_size=8", "num_mlp_layers=1", "num_samples=4", "num_target_samples=16"],
-    "ar": ["hidden_size=32", "intermediate_size=64", "num_hidden_layers=1", "num_attention_heads=2",
-           "num_key_value_heads=2"],
+    "lm": [
+        "hidden_size=32",
+        "intermediate_size=64",
+        "num_hidden_layers=1",
+        "num_attention_heads=2",
+        "num_key_value_heads=2",
+        "noise_size=8",
+        "num_mlp_layers=1",
+        "num_samples=4",
+        "num_target_samples=16",
+    ],
+    "ar": [
+        "hidden_size=32",
+        "intermediate_size=64",
+        "num_hidden_layers=1",
+        "num_attention_heads=2",
+        "num_key_value_heads=2",
+    ],
 }
 
 
@@ -58,8 +72,11 @@ def tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
 
 def test_tokenizer_saves_and_loads_as_fast_tokenizer(tokenizer, tmp_path):
     assert isinstance(tokenizer, PreTrainedTokenizerFast) and 259 < len(tokenizer) <= 300  # bytes + 3 specials + merges
-    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|begin_of_text|>", "<|end_of_text|>",
-                                                                                "[PAD]")
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "[PAD]",
+    )
     assert tokenizer.padding_side == "left"
     text = " three four five\n = Héllo ✓ ="  # byte-level: any text round-trips, no unknown token
     encoded = tokenizer(text)
@@ -98,8 +115,11 @@ def test_autoencoder_blocks_layout(tokenizer):
 def test_lm_blocks_layout(tokenizer):
     documents = counting_documents(3, seed=1)
     blocks = lm_blocks(tokenizer, documents, block_size=16)
-    stream = [t for text in documents for t in [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)
-                                                 ["input_ids"]]]
+    stream = [
+        t
+        for text in documents
+        for t in [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    ]
     assert blocks.shape == (len(stream) // 16, 16)
     assert blocks.flatten().tolist() == stream[: blocks.numel()]  # BOS + text, no EOS, tail dropped
     assert tokenizer.eos_token_id not in blocks and tokenizer.pad_token_id not in blocks
@@ -121,7 +141,10 @@ def test_random_chunk_collator_replaces_whole_chunks():
 
 def test_overrides_are_parsed_and_checked():
     assert parse_overrides(["hidden_size=64", "rope_theta=5e5", "hidden_act=gelu", "tie_word_embeddings=true"]) == {
-        "hidden_size": 64, "rope_theta": 5e5, "hidden_act": "gelu", "tie_word_embeddings": True
+        "hidden_size": 64,
+        "rope_theta": 5e5,
+        "hidden_act": "gelu",
+        "tie_word_embeddings": True,
     }
     assert stage_config_fields("lm", {"num_hidden_layers": 2})["num_hidden_layers"] == 2
     with pytest.raises(ValueError, match="key=value"):
@@ -147,14 +170,50 @@ def pipeline(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("pipeline")
     data = root / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in counting_documents(24)))
-    common = ["--data", str(data), "--num-eval-docs", "3", "--block-size", "32", "--no-progress", "--warmup-steps", "0",
-              "--lr-scheduler", "constant", "--logging-steps", "5", "--eval-batch-size", "4"]
+    common = [
+        "--data",
+        str(data),
+        "--num-eval-docs",
+        "3",
+        "--block-size",
+        "32",
+        "--no-progress",
+        "--warmup-steps",
+        "0",
+        "--lr-scheduler",
+        "constant",
+        "--logging-steps",
+        "5",
+        "--eval-batch-size",
+        "4",
+    ]
     stages = {
         "tokenizer": ["--vocab-size", "300"],
-        "autoencoder": ["--tokenizer", str(root / "tokenizer"), "--max-steps", "80", "--lr", "1e-2",
-                        "--batch-size", "8"],
-        "lm": ["--autoencoder", str(root / "autoencoder"), "--max-steps", "30", "--lr", "3e-3", "--batch-size", "4",
-               "--eval-steps", "15", "--eval-blocks", "1", "--no-remote-code"],
+        "autoencoder": [
+            "--tokenizer",
+            str(root / "tokenizer"),
+            "--max-steps",
+            "80",
+            "--lr",
+            "1e-2",
+            "--batch-size",
+            "8",
+        ],
+        "lm": [
+            "--autoencoder",
+            str(root / "autoencoder"),
+            "--max-steps",
+            "30",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "4",
+            "--eval-steps",
+            "15",
+            "--eval-blocks",
+            "1",
+            "--no-remote-code",
+        ],
         "ar": ["--tokenizer", str(root / "tokenizer"), "--max-steps", "30", "--lr", "3e-3", "--batch-size", "4"],
     }
     for stage, argv in stages.items():
@@ -218,8 +277,15 @@ class GradientRecorder(TrainerCallback):
 def _trainer_gradients(model, dataset, collator, batch_size: int, accumulation: int, tmp_path):
     recorder = GradientRecorder()
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-        max_steps=1, max_grad_norm=0.0, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
         disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[recorder])
@@ -242,8 +308,12 @@ def _lm_case():
     model = CALMForCausalLM(tiny_config(num_samples=3, num_target_samples=5))
     ids = torch.randint(0, 90, (4, 12))  # 3 chunks: 2 target chunks per row
     examples = [
-        {"input_ids": ids[i], "labels": ids[i], "head_noise": torch.rand(3, 2, 8) - 0.5,
-         "target_noise": torch.randn(5, 2, 8)}
+        {
+            "input_ids": ids[i],
+            "labels": ids[i],
+            "head_noise": torch.rand(3, 2, 8) - 0.5,
+            "target_noise": torch.randn(5, 2, 8),
+        }
         for i in range(4)
     ]
 
@@ -286,10 +356,32 @@ def test_data_parallel_two_processes_on_gloo(pipeline, tmp_path):
     data = pipeline["tokenizer"].parent / "docs.jsonl"
     overrides = [arg for item in TINY["autoencoder"] for arg in ("--set", item)]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "calm_transformers.train_calm", "--stage", "autoencoder", "--data", str(data),
-        "--tokenizer", str(pipeline["tokenizer"]), "--output-dir", str(tmp_path), "--block-size", "32",
-        "--batch-size", "2", "--max-steps", "3", "--logging-steps", "1", "--no-progress", *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "calm_transformers.train_calm",
+        "--stage",
+        "autoencoder",
+        "--data",
+        str(data),
+        "--tokenizer",
+        str(pipeline["tokenizer"]),
+        "--output-dir",
+        str(tmp_path),
+        "--block-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--logging-steps",
+        "1",
+        "--no-progress",
+        *overrides,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
@@ -302,8 +394,14 @@ def test_data_parallel_two_processes_on_gloo(pipeline, tmp_path):
 
 def test_shipped_model_loads_and_generates():
     files = {p.name for p in SHIPPED.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "README.md"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    } <= files
     assert not files & {"configuration_calm.py", "modeling_calm.py", "generation_calm.py"}  # the package has the code
     assert sum(p.stat().st_size for p in SHIPPED.iterdir()) <= 25 * 2**20
     model = CALMForCausalLM.from_pretrained(SHIPPED).eval()
