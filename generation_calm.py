@@ -85,24 +85,25 @@ def sample_from_pool(
 ArgmaxRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+TokenStates = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
 def identical_chunks(
-    chunk_states: torch.Tensor,
-    token_state: Callable[[torch.Tensor, int], torch.Tensor],
-    patch_size: int,
-    argmax_rows: ArgmaxRows,
+    chunk_states: torch.Tensor, token_states: TokenStates, patch_size: int, argmax_rows: ArgmaxRows
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which candidates decode to the same chunk, decoding as few of their tokens as possible.
 
-    chunk_states: [B, N, c] one state per candidate chunk, and token_state(chunk_states [n, c], position) -> [n, a]
-    the decoder state of one of its K tokens (`CALMDecoder.chunk_state` / `token_state`); argmax_rows(states
-    [B, N, a], active [B, N]) -> token ids [B, N] of the active states (-1 elsewhere), e.g. `plain_argmax` or
-    `certified_argmax`. Returns same [B, N, N] bool, exactly `(tokens_i == tokens_j).all()` of the decoded chunks,
-    and the tokens decoded on the way, [B, N, K] with -1 after the prefix that made a candidate unique.
+    chunk_states: [B, N, c] one state per candidate chunk, and token_states(chunk_states [n, c], positions: slice)
+    -> [n, len, a] the decoder states of some of its K tokens (`CALMDecoder.chunk_state` / `token_states`);
+    argmax_rows(states [B, N, a], active [B, N]) -> token ids [B, N] of the active states (-1 elsewhere), e.g.
+    `plain_argmax` or `certified_argmax`. Returns same [B, N, N] bool, exactly `(tokens_i == tokens_j).all()` of the
+    decoded chunks, and the tokens decoded on the way, [B, N, K], -1 after the prefix that made a candidate unique.
 
     Token by token: a candidate whose prefix is already unique in its row is a chunk of its own (count 1)
     whatever its later tokens are, so only candidates that share their prefix with another need the next token.
     With diverse candidates most of the pool is settled after the first token. (The vocabulary projection,
-    V x a per token, is ~95% of a candidate decode.)
+    V x a per token, is ~95% of a candidate decode.) The decoder states of the later tokens are computed in one
+    call for the candidates still in question after the first token: fewer, larger matmuls.
     """
     batch_size, num_candidates, _ = chunk_states.shape
     same = torch.ones(batch_size, num_candidates, num_candidates, dtype=torch.bool, device=chunk_states.device)
@@ -111,10 +112,12 @@ def identical_chunks(
         shared = same.sum(-1) >= 2  # [B, N]: prefix seen elsewhere in the row
         if position > 0 and not bool(shared.any()):
             break
-        decoded = token_state(chunk_states[shared], position)  # [n, a], only the candidates still in question
-        states = decoded.new_zeros(batch_size, num_candidates, decoded.shape[-1])
-        states[shared] = decoded
-        tokens[:, :, position] = argmax_rows(states, shared)  # [B, N], -1 for settled candidates
+        if position < 2:  # the first token of every candidate, then all later tokens of those still in question
+            first = position
+            decoded = token_states(chunk_states[shared], slice(first, 1 if first == 0 else patch_size))  # [n, len, a]
+            states = decoded.new_zeros(batch_size, num_candidates, *decoded.shape[1:])
+            states[shared] = decoded
+        tokens[:, :, position] = argmax_rows(states[:, :, position - first], shared)  # [B, N], -1 where settled
         same &= tokens[:, :, position].unsqueeze(2) == tokens[:, :, position].unsqueeze(1)  # -1 only keeps itself
     return same, tokens
 
@@ -122,24 +125,25 @@ def identical_chunks(
 def complete_chunks(
     tokens: torch.Tensor,
     chunk_states: torch.Tensor,
-    token_state: Callable[[torch.Tensor, int], torch.Tensor],
+    token_states: TokenStates,
     argmax_tokens: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """Decode the tokens a pool left undecoded (-1): tokens [B, K], chunk_states [B, c] -> tokens [B, K].
 
-    All missing tokens go through one `argmax_tokens` call: each call reads the whole V x a projection.
+    The missing tokens of a chunk are a suffix; all of them go through one `argmax_tokens` call (each call reads
+    the whole V x a projection).
     """
     missing = tokens < 0  # [B, K]: the tokens after the prefix that made the chunk unique in its pool
-    if not bool(missing.any()):
+    rows = missing.any(-1)
+    if not bool(rows.any()):
         return tokens
-    where = [
-        (missing[:, position], position) for position in range(tokens.shape[1]) if bool(missing[:, position].any())
-    ]
-    states = torch.cat([token_state(chunk_states[rows], position) for rows, position in where])  # [n, a]
-    decoded = argmax_tokens(states).split([int(rows.sum()) for rows, _ in where])
+    first = int(missing.to(torch.uint8).argmax(-1)[rows].min())
+    states = token_states(chunk_states[rows], slice(first, tokens.shape[1]))  # [n, K - first, a]
     tokens = tokens.clone()
-    for (rows, position), column in zip(where, decoded, strict=True):
-        tokens[rows, position] = column
+    todo = missing[rows, first:]  # [n, K - first]
+    decoded = tokens[rows]
+    decoded[:, first:][todo] = argmax_tokens(states[todo])
+    tokens[rows] = decoded
     return tokens
 
 
@@ -484,12 +488,12 @@ class CALMGenerationMixin(GenerationMixin):
             decoder = self.ae_model.decoder
             pool_argmax = pool_argmax or partial(plain_argmax, argmax_tokens=self.ae_model.argmax_tokens)
             chunk_states = decoder.chunk_state(latents)  # [B, N, a]
-            same, tokens = identical_chunks(chunk_states, decoder.token_state, self.config.patch_size, pool_argmax)
+            same, tokens = identical_chunks(chunk_states, decoder.token_states, self.config.patch_size, pool_argmax)
             choice = sample_from_pool(same, temperature, do_sample, generator)  # [B]
             rows = torch.arange(batch_size, device=latents.device)
             # The chosen chunk's tokens as counted; only the ones after its unique prefix are still to decode.
             return complete_chunks(
-                tokens[rows, choice], chunk_states[rows, choice], decoder.token_state, self.ae_model.argmax_tokens
+                tokens[rows, choice], chunk_states[rows, choice], decoder.token_states, self.ae_model.argmax_tokens
             )
         return self.ae_model.decode_tokens(latents)  # [B, 1, l] -> [B, K]
 

@@ -197,11 +197,7 @@ class CALMDecoder(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [*, P, l] -> hidden states [*, P*K, a], before the vocabulary projection."""
-        *lead, num_chunks, _ = latents.shape
-        hidden = self.expand_layer(self.chunk_state(latents)).reshape(*lead, num_chunks * self.patch_size, -1)
-        for layer in self.decoder_layers[self.num_stage_layers :]:
-            hidden = layer(hidden)
-        return self.norm(hidden)
+        return self.token_states(self.chunk_state(latents)).flatten(-3, -2)
 
     def chunk_state(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [*, l] -> [*, a]: the decoder up to `expand_layer`, one state per chunk."""
@@ -210,17 +206,18 @@ class CALMDecoder(nn.Module):
             hidden = layer(hidden)
         return hidden
 
-    def token_state(self, chunk_state: torch.Tensor, position: int) -> torch.Tensor:
-        """chunk states [*, a] -> the state [*, a] of token `position` of each chunk, as `forward` computes it.
+    def token_states(self, chunk_state: torch.Tensor, positions: slice = slice(None)) -> torch.Tensor:
+        """chunk states [*, a] -> the states [*, n, a] of the tokens at `positions` (default: all K) of each chunk.
 
-        The layers after `expand_layer` act on each token alone, so one token costs its slice of `expand_layer`
-        and 1/K of the rest: generation decodes candidates a token at a time and stops where their prefixes differ.
-        (The matmuls see other shapes than in `forward`, so the last bits may differ: a chunk is decoded by one of
-        the two paths, never a mix.)
+        The layers after `expand_layer` act on each token alone, so some tokens cost their slice of `expand_layer`
+        and their share of the rest: generation decodes the candidates of a pool token by token, and stops where
+        their prefixes differ.
         """
         size = chunk_state.shape[-1]
-        rows = slice(position * size, (position + 1) * size)  # expand_layer's output is K token states, in order
+        start, stop, _ = positions.indices(self.patch_size)
+        rows = slice(start * size, stop * size)  # expand_layer's output is the K token states, in order
         hidden = F.linear(chunk_state, self.expand_layer.weight[rows], self.expand_layer.bias[rows])
+        hidden = hidden.unflatten(-1, (stop - start, size))
         for layer in self.decoder_layers[self.num_stage_layers :]:
             hidden = layer(hidden)
         return self.norm(hidden)

@@ -52,3 +52,18 @@ def test_benchmark_script_runs(tmp_path):
     assert any("T=1 calm / llama" in line for line in result["ratios"])
     pooled = [r for r in result["results"] if r["model"] == "calm" and r["temperature"] == 0.5]
     assert all(0.0 <= r["certified"] <= 1.0 for r in pooled)
+
+
+def test_step_breakdown_script_runs():
+    run = subprocess.run(
+        [sys.executable, "benchmarks/step_breakdown.py", "--shape", "tiny", "--dtype", "float32", "--repeats", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for batch in (1, 8):
+        assert f"batch {batch}, median of 1" in run.stdout
+    timed = [line for line in run.stdout.splitlines() if line.startswith("  ")]
+    assert len(timed) == 2 * 11 and all(float(line.split()[-1]) > 0 for line in timed)
