@@ -225,16 +225,6 @@ class ShortlistArgmax:
         self.shortlist_size, self.backoff = shortlist_size, backoff
         self.skip = self.certified = self.requested = self.uncertified = 0
 
-    def _max_row_norm(self) -> float:
-        """max_v |w_v|, cached on the autoencoder until its weight changes (a read of the whole weight)."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        cached = getattr(self.autoencoder, "_max_row_norm", None)
-        if cached is None or cached[0] != key:
-            # In blocks: no fp32 copy of the whole weight (250 MiB for the Llama 3 vocabulary).
-            norms = [torch.linalg.vector_norm(b, dim=-1, dtype=torch.float32).max() for b in self.weight.split(4096)]
-            cached = self.autoencoder._max_row_norm = (key, torch.stack(norms).max().item())
-        return cached[1]
-
     def _counting_argmax(self, states: torch.Tensor) -> torch.Tensor:
         self.uncertified += states.shape[0]
         return self.argmax_tokens(states)
@@ -245,7 +235,7 @@ class ShortlistArgmax:
             return plain_argmax(states, active, self.argmax_tokens)
         self.uncertified = 0
         tokens = certified_argmax(
-            states, active, self.weight, self._max_row_norm(), self._counting_argmax, self.shortlist_size
+            states, active, self.weight, self.autoencoder.max_row_norm(), self._counting_argmax, self.shortlist_size
         )
         requested = int(active.sum())
         self.requested += requested

@@ -556,13 +556,80 @@ def test_generate_with_and_without_shortlist(agree, monkeypatch):
             assert decoder.certified < 0.2 * decoder.requested
 
 
-def test_shortlist_bound_follows_weight_changes():
-    """The cached max_v |w_v| (a read of the whole weight) is recomputed when the weight changes in place."""
-    from calm_transformers.generation_calm import ShortlistArgmax
-
-    ae, weight, _ = _pool_states(True)
-    first = ShortlistArgmax(ae)._max_row_norm()
+def test_cached_projection_values_follow_weight_changes():
+    """max_v |w_v| and the bf16 screen of a float32 model (each a read of the whole weight, cached) are recomputed
+    when the weight changes in place: stale copies would give wrong bounds and wrong tokens."""
+    ae, weight, states = _pool_states(False)
+    first = ae.max_row_norm()
     assert first == pytest.approx(weight.norm(dim=-1).max().item())
+    flat = states.reshape(-1, states.shape[-1])
+    assert torch.equal(ae.argmax_tokens(flat), flat.matmul(weight.T).argmax(-1))
     with torch.no_grad():
         weight[3] *= 10
-    assert ShortlistArgmax(ae)._max_row_norm() == pytest.approx(weight.norm(dim=-1).max().item()) != first
+        weight[7] = -weight[7]
+    assert ae.max_row_norm() == pytest.approx(weight.norm(dim=-1).max().item()) != first
+    assert torch.equal(ae.argmax_tokens(flat), flat.matmul(weight.T).argmax(-1))
+    if "bf16_weight" in ae.__dict__.get("_projection_cache", {}):  # the screen ran (a CPU with bf16 units)
+        assert torch.equal(ae._cached("bf16_weight", None), weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("num_rows", [1, 5, 64, 300])
+def test_screened_argmax_equals_float32_argmax(num_rows):
+    """The bf16 screen with float32 rescoring gives the float32 argmax: on exact ties (the lower id wins), where
+    bf16 cannot tell the best tokens apart, and where bf16 ranks the two best tokens the wrong way round (the
+    float32 winner's block is then not the block of the best bf16 score: only the error bound keeps it)."""
+    from calm_transformers.modeling_calm import screened_argmax
+
+    torch.manual_seed(num_rows)
+    weight = torch.nn.functional.normalize(torch.randn(500, 16), dim=-1).bfloat16().float()  # bf16-exact rows
+    weight[300] = weight[20]  # an exact tie across blocks: 20 must win
+    weight[450] = weight[77] * (1 + 2**-12)  # the same row in bf16, but it scores higher in float32
+    weight[140] = weight[77] * (1 - 2**-12)
+    states = torch.randn(num_rows, 16)
+    states[::3] = 4 * weight[77] + 0.01 * states[::3]  # float32 argmax 450; bf16 alone would say 77
+    states[1::3] = 4 * weight[20] + 0.01 * states[1::3]  # argmax 20, tied with 300
+
+    # Rows 10 and 480 near row 5, such that for the state 4 * row 5, float32 prefers 480 and bf16 prefers 10.
+    probe = 4 * weight[5]
+    for _ in range(10000):
+        rival, winner = weight[5] + 2e-3 * torch.randn(2, 16)
+        exact = torch.stack([rival, winner]) @ probe
+        approx = (torch.stack([rival, winner]).bfloat16() @ probe.bfloat16()).float()
+        if exact[1] > exact[0] and approx[0] > approx[1]:
+            break
+    else:
+        raise AssertionError("no pair that bf16 ranks the wrong way round")
+    weight[10], weight[480], weight[5] = rival, winner, -weight[5]
+    states[2::3] = probe
+
+    expected = (states @ weight.T).argmax(-1)
+    assert bool((expected[2::3] == 480).all())
+    max_row_norm = weight.norm(dim=-1).max().item()
+    for vocab_block in (7, 64, 1024):
+        for rows_per_matmul in (3, 512):
+            tokens = screened_argmax(
+                states, weight, weight.to(torch.bfloat16), max_row_norm, vocab_block, rows_per_matmul
+            )
+            assert torch.equal(tokens, expected), (vocab_block, rows_per_matmul)
+    bf16_only = (states.bfloat16() @ weight.bfloat16().T).float().argmax(-1)
+    assert not torch.equal(bf16_only, expected)  # the case needs the float32 rescoring
+
+
+def test_argmax_tokens_routes_float32_through_the_screen(monkeypatch):
+    from calm_transformers import modeling_calm
+
+    ae, weight, states = _pool_states(False)
+    flat = states.reshape(-1, states.shape[-1])  # 150 rows: a pool
+    calls = []
+    screened = modeling_calm.screened_argmax
+    monkeypatch.setattr(modeling_calm, "screened_argmax", lambda *a, **k: calls.append(1) or screened(*a, **k))
+    for fast in (True, False):
+        monkeypatch.setattr(modeling_calm, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert torch.equal(ae.argmax_tokens(flat), flat.matmul(weight.T).argmax(-1))
+    assert calls == [1]  # only where the CPU has bf16 units
+    monkeypatch.setattr(modeling_calm, "cpu_has_fast_bf16", lambda: True)
+    assert torch.equal(ae.argmax_tokens(flat[:64]), flat[:64].matmul(weight.T).argmax(-1)) and calls == [1]  # few rows
+    assert torch.equal(
+        ae.to(torch.bfloat16).argmax_tokens(flat.bfloat16()),
+        modeling_calm.blocked_argmax(flat.bfloat16(), ae.encoder.embed_tokens.weight),
+    ) and calls == [1]  # bf16 models: no screen

@@ -91,6 +91,26 @@ print('DIFF', (got - probe['expected']).abs().max().item())
     assert "DIFF 0.0" in out
 
 
+def test_auto_classes_know_calm_once_the_package_is_imported(tmp_path):
+    """`import calm_transformers` registers CALM with the Auto classes: a package-only folder (no code copies, no
+    auto_map) loads through AutoConfig / AutoModelForCausalLM / AutoModel without trust_remote_code."""
+    from calm_transformers.train_calm import strip_remote_code
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    model = tiny_model(patch_size=4)
+    model.save_pretrained(tmp_path / "lm")
+    model.ae_model.save_pretrained(tmp_path / "ae")
+    for folder in ("lm", "ae"):
+        strip_remote_code(tmp_path / folder)
+        assert "auto_map" not in json.loads((tmp_path / folder / "config.json").read_text())
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "lm"), CALMConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
+    assert type(loaded) is CALMForCausalLM
+    expected = model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+    assert type(AutoModel.from_pretrained(tmp_path / "ae")) is CALMAutoencoder
+
+
 def test_gradient_flows_through_backbone_and_head():
     model = tiny_model(patch_size=2)
     model.train()
