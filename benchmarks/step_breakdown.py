@@ -7,7 +7,7 @@
 
 Parts: the backbone step (one chunk, KV cache of the prompt), the energy head (1 sample, and N for T < 1), the
 decoder up to `expand_layer` for the pool, the first token's decoder states and their projection onto the vocabulary
-(what decoding a pool of diverse candidates costs), the projection's bare matmul (no argmax: a floor for it), and
+(what decoding a pool of diverse candidates costs), the same projection's matmuls without the argmax, and
 the chosen chunk's decode; then a whole `_next_chunk` at T = 1 and T = 0.5. Medians of `--repeats` runs, in ms.
 """
 
@@ -66,11 +66,11 @@ def breakdown(calm, batch: int, num_samples: int, prompt_len: int, repeats: int)
         "backbone step (+ cache copy)": lambda: calm.backbone(last, None, None, copy.deepcopy(cache), use_cache=True),
         "cache copy alone": lambda: copy.deepcopy(cache),
         "head, 1 sample": lambda: calm.generative_head.sample(hidden),
-        f"head, {num_samples} samples": lambda: calm.generative_head.sample(pool),
+        f"head, {num_samples} samples per row": lambda: calm.generative_head.sample(pool),
         "pool: chunk_state": lambda: decoder.chunk_state(latents),
         "pool: first token's states": lambda: decoder.token_states(chunk_states, slice(0, 1)),
         "pool: first token's argmax": lambda: ae.argmax_tokens(first_states),
-        "pool: its bare matmul (floor)": lambda: [weight @ rows.T for rows in first_states.split(128)],
+        "pool: the same matmuls, no argmax": lambda: [block @ first_states.T for block in weight.split(4096)],
         "chosen chunk: decode_tokens": lambda: ae.decode_tokens(chosen),
         "_next_chunk, T = 1": lambda: next_chunk(hidden, 1, 1.0, True, None, None),
         f"_next_chunk, T = 0.5, N = {num_samples}": lambda: next_chunk(hidden, num_samples, 0.5, True, None, None),
