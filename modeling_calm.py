@@ -431,8 +431,8 @@ class CALMAutoencoder(CALMPreTrainedModel):
         """Decoder states [*, a] -> argmax token ids [*] (the first maximum on ties, as `argmax`).
 
         `blocked_argmax`, or for more than 64 rows (a candidate pool) of a float32 model on a CPU with bf16 matrix
-        units `screened_argmax`: the same tokens, most of the work in bf16 (on this project's 2-core AMX machine,
-        CALM-M shapes with random weights: 200 rows 131 -> 118 ms, 1600 rows 870 -> 461 ms; slower for few rows).
+        units `screened_argmax`: the same tokens, most of the work in bf16 (README, Speed: about 2x faster for 1600
+        rows at CALM-M shapes; slower for few rows).
         `vocab_block` and `rows_per_matmul` set their blocking (None: their default).
         """
         flat = hidden.reshape(-1, hidden.shape[-1])  # [n, a]

@@ -7,7 +7,8 @@
 
 Parts: the backbone step (one chunk, KV cache of the prompt), the energy head (1 sample, and N for T < 1), the
 decoder up to `expand_layer` for the pool, the first token's decoder states and their projection onto the vocabulary
-(what decoding a pool of diverse candidates costs), the same projection's matmuls without the argmax, and
+(what decoding a pool of diverse candidates costs; for float32 models on CPUs with bf16 units `argmax_tokens` screens
+in bf16, so `blocked_argmax` is timed too), the same projection's matmuls without the argmax, and
 the chosen chunk's decode; then a whole `_next_chunk` at T = 1 and T = 0.5. Medians of `--repeats` runs, in ms.
 """
 
@@ -61,6 +62,7 @@ def breakdown(calm, batch: int, num_samples: int, prompt_len: int, repeats: int)
     weight = ae.encoder.embed_tokens.weight
     chosen = latents[:, :1]  # [B, 1, l]
     next_chunk = calm._next_chunk  # hidden [B, d] -> tokens [B, K], the whole step after the backbone
+    blocked_argmax = sys.modules[type(calm).__module__].blocked_argmax  # from the package's modeling_calm
 
     parts = {
         "backbone step (+ cache copy)": lambda: calm.backbone(last, None, None, copy.deepcopy(cache), use_cache=True),
@@ -70,6 +72,7 @@ def breakdown(calm, batch: int, num_samples: int, prompt_len: int, repeats: int)
         "pool: chunk_state": lambda: decoder.chunk_state(latents),
         "pool: first token's states": lambda: decoder.token_states(chunk_states, slice(0, 1)),
         "pool: first token's argmax": lambda: ae.argmax_tokens(first_states),
+        "pool: the same, by blocked_argmax": lambda: blocked_argmax(first_states, weight),
         "pool: the same matmuls, no argmax": lambda: [block @ first_states.T for block in weight.split(4096)],
         "chosen chunk: decode_tokens": lambda: ae.decode_tokens(chosen),
         "_next_chunk, T = 1": lambda: next_chunk(hidden, 1, 1.0, True, None, None),

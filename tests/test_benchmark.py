@@ -66,4 +66,4 @@ def test_step_breakdown_script_runs():
     for batch in (1, 8):
         assert f"batch {batch}, median of 1" in run.stdout
     timed = [line for line in run.stdout.splitlines() if line.startswith("  ")]
-    assert len(timed) == 2 * 11 and all(float(line.split()[-1]) > 0 for line in timed)
+    assert len(timed) == 2 * 12 and all(float(line.split()[-1]) > 0 for line in timed)
