@@ -83,8 +83,6 @@ def sample_from_pool(
 
 
 ArgmaxRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 TokenStates = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
@@ -113,11 +111,11 @@ def identical_chunks(
         if position > 0 and not bool(shared.any()):
             break
         if position < 2:  # the first token of every candidate, then all later tokens of those still in question
-            first = position
-            decoded = token_states(chunk_states[shared], slice(first, 1 if first == 0 else patch_size))  # [n, len, a]
+            offset = position  # states[:, :, i] is the state of token offset + i
+            decoded = token_states(chunk_states[shared], slice(offset, 1 if offset == 0 else patch_size))  # [n, len, a]
             states = decoded.new_zeros(batch_size, num_candidates, *decoded.shape[1:])
             states[shared] = decoded
-        tokens[:, :, position] = argmax_rows(states[:, :, position - first], shared)  # [B, N], -1 where settled
+        tokens[:, :, position] = argmax_rows(states[:, :, position - offset], shared)  # [B, N], -1 where settled
         same &= tokens[:, :, position].unsqueeze(2) == tokens[:, :, position].unsqueeze(1)  # -1 only keeps itself
     return same, tokens
 
