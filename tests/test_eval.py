@@ -314,28 +314,18 @@ def calm_folder(tmp_path_factory, tokenizer_folder):
     return folder
 
 
+def cli_args(calm_folder, data_file, **options) -> list[str]:
+    """evaluate_calm's argv: the model, the data, blocks of 16 tokens, and `--name value` for each option."""
+    argv = ["--model", str(calm_folder), "--data", str(data_file), "--block-size", "16"]
+    for name, value in options.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
 def test_cli_calm_writes_json(calm_folder, data_file, tmp_path, capsys):
     output = tmp_path / "result.json"
-    argv = [
-        "--model",
-        str(calm_folder),
-        "--data",
-        str(data_file),
-        "--block-size",
-        "16",
-        "--batch-size",
-        "2",
-        "--max-blocks",
-        "5",
-        "--documents-from",
-        "1",
-        "--documents-to",
-        "9",
-        "--seed",
-        "1",
-        "--output",
-        str(output),
-    ]
+    options = dict(batch_size=2, max_blocks=5, documents_from=1, documents_to=9, seed=1, output=output)
+    argv = cli_args(calm_folder, data_file, **options)
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(output.read_text()) == printed
@@ -387,18 +377,7 @@ def test_cli_errors(calm_folder, data_file, tmp_path, capsys):
 def test_cli_runs_as_a_script(calm_folder, data_file, tmp_path, monkeypatch):
     """`python evaluate_calm.py` from the repository root (imports without the installed package) and `python -m`."""
     output = tmp_path / "script.json"
-    argv = [
-        "--model",
-        str(calm_folder),
-        "--data",
-        str(data_file),
-        "--block-size",
-        "16",
-        "--max-blocks",
-        "2",
-        "--output",
-        str(output),
-    ]
+    argv = cli_args(calm_folder, data_file, max_blocks=2, output=output)
     run = subprocess.run(
         [sys.executable, "evaluate_calm.py", *argv],
         cwd=REPO,
