@@ -118,6 +118,19 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def keep_first_maximum(
+    best_value: torch.Tensor, best_index: torch.Tensor, rows: slice | torch.Tensor, logits: torch.Tensor, start: int
+) -> None:
+    """Update a running argmax in place with logits [r, block] of `rows` for the vocabulary block at `start`.
+
+    Blocks come in token order and only a strictly greater value replaces the best: on ties the lower id stays.
+    """
+    value, index = logits.max(-1)  # max: the first maximum within the block
+    better = value > best_value[rows]
+    best_value[rows] = torch.where(better, value, best_value[rows])
+    best_index[rows] = torch.where(better, index + start, best_index[rows])
+
+
 def blocked_argmax(
     states: torch.Tensor, weight: torch.Tensor, vocab_block: int | None = None, rows_per_matmul: int = 512
 ) -> torch.Tensor:
@@ -140,10 +153,7 @@ def blocked_argmax(
         block = weight[start : start + vocab_block]
         for first in range(0, num_rows, rows_per_matmul):
             rows = slice(first, first + rows_per_matmul)
-            value, index = F.linear(states[rows], block).max(-1)
-            better = value > best_value[rows]  # strict: on ties the earlier block (lower token id) stays
-            best_value[rows] = torch.where(better, value, best_value[rows])
-            best_index[rows] = torch.where(better, index + start, best_index[rows])
+            keep_first_maximum(best_value, best_index, rows, F.linear(states[rows], block), start)
     return best_index
 
 
@@ -180,10 +190,8 @@ def screened_argmax(
     best_index = torch.zeros(num_rows, dtype=torch.long, device=states.device)
     for b in candidate.any(-1).nonzero().squeeze(-1).tolist():  # in token order: ties go to the lower id
         rows = candidate[b].nonzero().squeeze(-1)
-        value, index = F.linear(states[rows], weight[starts[b] : starts[b] + vocab_block]).max(-1)
-        better = value > best_value[rows]
-        best_value[rows] = torch.where(better, value, best_value[rows])
-        best_index[rows] = torch.where(better, index + starts[b], best_index[rows])
+        logits = F.linear(states[rows], weight[starts[b] : starts[b] + vocab_block])
+        keep_first_maximum(best_value, best_index, rows, logits, starts[b])
     return best_index
 
 
