@@ -45,11 +45,15 @@ def temperature_sampling(
     See `sample_from_pool` for the rule.
     """
     same = (candidates.unsqueeze(2) == candidates.unsqueeze(1)).all(-1)  # [B, N, N]
-    return sample_from_pool(same, temperature, do_sample, generator)
+    return sample_from_pool(same, temperature, do_sample, generator=generator)
 
 
 def sample_from_pool(
-    same: torch.Tensor, temperature: float, do_sample: bool = True, generator: torch.Generator | None = None
+    same: torch.Tensor,
+    temperature: float,
+    do_sample: bool = True,
+    uniform: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Temperature sampling from a pool given which candidates are the same chunk. Returns indices [B] into N.
 
@@ -59,13 +63,16 @@ def sample_from_pool(
     For T = 1/n this is exactly the authors' batch algorithm (m = n, n-1, ..., 1; E[C(c, n)] is proportional to
     p^n); for other T, C(c, r) ~ (N p)^r / r! keeps it consistent as N grows. `do_sample=False` returns the most
     frequent chunk (ties: the first seen).
+    The draw inverts the weights' cumulative sum at `uniform` [B] in [0, 1) (drawn from `generator` when None):
+    a caller that draws it first knows which candidate a given `same` would pick before decoding the pool.
     """
     if not 0.0 < temperature <= 1.0:
         raise ValueError(f"temperature must be in (0, 1] for CALM, got {temperature}.")
     counts = same.sum(-1)  # [B, N]: copies of each candidate's chunk in the pool
     if not do_sample:
         return counts.argmax(-1)  # argmax returns the first maximum: the first-seen of the most frequent chunks
-    arange = torch.arange(same.shape[-1], device=same.device)
+    batch_size, num_candidates = counts.shape
+    arange = torch.arange(num_candidates, device=same.device)
     first_seen = same.to(torch.uint8).argmax(-1) == arange  # [B, N]: one representative per unique chunk
 
     r = 1.0 / temperature
@@ -77,35 +84,48 @@ def sample_from_pool(
     exponent = r - torch.clamp(torch.ceil(r - max_count - 1e-9), min=0)  # [B, 1]
     log_weight = torch.lgamma(counts64 + 1) - torch.lgamma(counts64 - exponent + 1) - torch.lgamma(exponent + 1)
     eligible = first_seen & (counts64 >= exponent - 1e-9)
-    log_weight = log_weight.masked_fill(~eligible, float("-inf"))
-    probs = torch.softmax(log_weight, dim=-1).to(torch.float32)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(log_weight.masked_fill(~eligible, float("-inf")), dim=-1)  # [B, N] float64
+    if uniform is None:
+        uniform = torch.rand(batch_size, generator=generator, device=same.device, dtype=torch.float64)
+    cumulative = probs.cumsum(-1)  # [B, N]
+    choice = torch.searchsorted(cumulative, (uniform.to(cumulative) * cumulative[:, -1]).unsqueeze(-1), right=True)
+    last_eligible = torch.where(eligible, arange, -1).amax(-1, keepdim=True)  # where rounding runs past the end
+    return torch.minimum(choice, last_eligible).squeeze(-1)
 
 
-ArgmaxRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ArgmaxRows = Callable[..., torch.Tensor]  # (states [B, M, a], active [B, M], optional=None) -> tokens [B, M]
 TokenStates = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 def identical_chunks(
-    chunk_states: torch.Tensor, token_states: TokenStates, patch_size: int, argmax_rows: ArgmaxRows
+    chunk_states: torch.Tensor,
+    token_states: TokenStates,
+    patch_size: int,
+    argmax_rows: ArgmaxRows,
+    complete: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which candidates decode to the same chunk, decoding as few of their tokens as possible.
 
     chunk_states: [B, N, c] one state per candidate chunk, and token_states(chunk_states [n, c], positions: slice)
     -> [n, len, a] the decoder states of some of its K tokens (`CALMDecoder.chunk_state` / `token_states`);
-    argmax_rows(states [B, N, a], active [B, N]) -> token ids [B, N] of the active states (-1 elsewhere), e.g.
+    argmax_rows(states [B, M, a], active [B, M]) -> token ids [B, M] of the active states (-1 elsewhere), e.g.
     `plain_argmax` or `certified_argmax`. Returns same [B, N, N] bool, exactly `(tokens_i == tokens_j).all()` of the
     decoded chunks, and the tokens decoded on the way, [B, N, K], -1 after the prefix that made a candidate unique.
+    `complete` [B] names one candidate per row (the likely choice) whose later tokens are decoded too where the
+    first tokens' pass projects onto the whole vocabulary anyway (argmax_rows(..., optional=[B, M] bool)).
 
     Token by token: a candidate whose prefix is already unique in its row is a chunk of its own (count 1)
     whatever its later tokens are, so only candidates that share their prefix with another need the next token.
     With diverse candidates most of the pool is settled after the first token. (The vocabulary projection,
     V x a per token, is ~95% of a candidate decode.) The decoder states of the later tokens are computed in one
-    call for the candidates still in question after the first token: fewer, larger matmuls.
+    call for the candidates still in question after the first token: fewer, larger matmuls. The later tokens of
+    `complete` ride along with the first tokens, in the same pass over the vocabulary (a decode of its own would
+    read the whole V x a weight again).
     """
     batch_size, num_candidates, _ = chunk_states.shape
     same = torch.ones(batch_size, num_candidates, num_candidates, dtype=torch.bool, device=chunk_states.device)
     tokens = torch.full((batch_size, num_candidates, patch_size), -1, dtype=torch.long, device=chunk_states.device)
+    rows = torch.arange(batch_size, device=chunk_states.device)
     for position in range(patch_size):
         shared = same.sum(-1) >= 2  # [B, N]: prefix seen elsewhere in the row
         if position > 0 and not bool(shared.any()):
@@ -115,8 +135,21 @@ def identical_chunks(
             decoded = token_states(chunk_states[shared], slice(offset, 1 if offset == 0 else patch_size))  # [n, len, a]
             states = decoded.new_zeros(batch_size, num_candidates, *decoded.shape[1:])
             states[shared] = decoded
-        tokens[:, :, position] = argmax_rows(states[:, :, position - offset], shared)  # [B, N], -1 where settled
+        if position == 0 and complete is not None:  # and the later tokens of `complete`: [B, N + K - 1, ...]
+            later = token_states(chunk_states[rows, complete], slice(1, patch_size))  # [B, K - 1, a]
+            extra = shared.new_ones(batch_size, patch_size - 1)
+            found = argmax_rows(
+                torch.cat([states[:, :, 0], later], dim=1),
+                torch.cat([shared, ~extra], dim=1),
+                optional=torch.cat([~shared, extra], dim=1),
+            )
+            tokens[:, :, 0], later_tokens = found.split([num_candidates, patch_size - 1], dim=1)  # -1: not decoded
+        else:
+            tokens[:, :, position] = argmax_rows(states[:, :, position - offset], shared)  # [B, N], -1 where settled
         same &= tokens[:, :, position].unsqueeze(2) == tokens[:, :, position].unsqueeze(1)  # -1 only keeps itself
+    if complete is not None:
+        chunk = tokens[rows, complete]  # [B, K]; its later tokens are -1 where it was unique after its first
+        tokens[rows, complete] = torch.cat([chunk[:, :1], torch.where(chunk[:, 1:] < 0, later_tokens, chunk[:, 1:])], 1)
     return same, tokens
 
 
@@ -146,9 +179,17 @@ def complete_chunks(
 
 
 def plain_argmax(
-    states: torch.Tensor, active: torch.Tensor, argmax_tokens: Callable[[torch.Tensor], torch.Tensor]
+    states: torch.Tensor,
+    active: torch.Tensor,
+    argmax_tokens: Callable[[torch.Tensor], torch.Tensor],
+    optional: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """states [B, N, a], active [B, N] -> argmax token ids [B, N] of the active states, -1 elsewhere."""
+    """states [B, N, a], active [B, N] -> argmax token ids [B, N] of the active states, -1 elsewhere.
+
+    `optional` [B, N]: states to decode too if the call projects onto the whole vocabulary anyway (here: always).
+    """
+    if optional is not None:
+        active = active | optional
     tokens = torch.full(active.shape, -1, dtype=torch.long, device=states.device)
     tokens[active] = argmax_tokens(states[active])
     return tokens
@@ -161,6 +202,7 @@ def certified_argmax(
     max_row_norm: float,
     argmax_tokens: Callable[[torch.Tensor], torch.Tensor],
     shortlist_size: int = 64,
+    optional: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The tokens of `plain_argmax`, projecting most candidates onto a shortlist of the vocabulary only.
 
@@ -171,6 +213,7 @@ def certified_argmax(
     bound and the runner-up by more than rounding can blur, it is the argmax (certified); the others are
     projected in full by `argmax_tokens`. Pays off when candidates agree (trained models at T < 1); diverse
     candidates (random weights) fail the certificate and cost one probe projection per row more.
+    `optional` [B, N]: states decoded (in the same call) only where some active state is projected in full.
     """
     batch_size, num_candidates, hidden_size = states.shape
     tokens = torch.full((batch_size, num_candidates), -1, dtype=torch.long, device=states.device)
@@ -203,6 +246,8 @@ def certified_argmax(
     row_tokens[certified] = winner[certified]
     unsure = active & ~certified
     if bool(unsure.any()):
+        if optional is not None:
+            unsure |= optional[rows]
         row_tokens[unsure] = argmax_tokens(states[unsure].to(weight.dtype))
     tokens[rows] = row_tokens
     return tokens
@@ -227,14 +272,19 @@ class ShortlistArgmax:
         self.uncertified += states.shape[0]
         return self.argmax_tokens(states)
 
-    def __call__(self, states: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, states: torch.Tensor, active: torch.Tensor, optional: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.skip:
             self.skip -= 1
-            return plain_argmax(states, active, self.argmax_tokens)
+            return plain_argmax(states, active, self.argmax_tokens, optional)
         self.uncertified = 0
+        max_row_norm = self.autoencoder.max_row_norm()
         tokens = certified_argmax(
-            states, active, self.weight, self.autoencoder.max_row_norm(), self._counting_argmax, self.shortlist_size
+            states, active, self.weight, max_row_norm, self._counting_argmax, self.shortlist_size, optional
         )
+        if optional is not None:  # decoded along with the uncertified ones, not asked for
+            self.uncertified -= int((tokens[optional & ~active] >= 0).sum())
         requested = int(active.sum())
         self.requested += requested
         self.certified += requested - self.uncertified
@@ -476,10 +526,20 @@ class CALMGenerationMixin(GenerationMixin):
             decoder = self.ae_model.decoder
             pool_argmax = pool_argmax or partial(plain_argmax, argmax_tokens=self.ae_model.argmax_tokens)
             chunk_states = decoder.chunk_state(latents)  # [B, N, a]
-            same, tokens = identical_chunks(chunk_states, decoder.token_states, self.config.patch_size, pool_argmax)
-            choice = sample_from_pool(same, temperature, do_sample, generator)  # [B]
+            # The draw comes first, so the choice in the usual case (every candidate unique: diverse candidates) is
+            # known before the pool is decoded, and its whole chunk is decoded in the pool's first pass.
+            uniform = None
+            if do_sample:
+                uniform = torch.rand(batch_size, generator=generator, device=latents.device, dtype=torch.float64)
+            all_unique = torch.eye(pool_size, dtype=torch.bool, device=latents.device).expand(batch_size, -1, -1)
+            likely = sample_from_pool(all_unique, temperature, do_sample, uniform)  # [B]
+            same, tokens = identical_chunks(
+                chunk_states, decoder.token_states, self.config.patch_size, pool_argmax, complete=likely
+            )
+            choice = sample_from_pool(same, temperature, do_sample, uniform)  # [B]
             rows = torch.arange(batch_size, device=latents.device)
-            # The chosen chunk's tokens as counted; only the ones after its unique prefix are still to decode.
+            # The chosen chunk's tokens as counted: complete when it is the likely one or was counted more than
+            # once (shared prefixes are decoded to the end); otherwise the ones after its unique prefix are decoded.
             return complete_chunks(
                 tokens[rows, choice], chunk_states[rows, choice], decoder.token_states, self.ae_model.argmax_tokens
             )

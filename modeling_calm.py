@@ -118,21 +118,38 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+# Integer types of the float types' widths: the bits of positive floats order as these integers do.
+_SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
 def keep_first_maximum(
-    best_value: torch.Tensor, best_index: torch.Tensor, rows: slice | torch.Tensor, logits: torch.Tensor, start: int
+    best_value: torch.Tensor, best_index: torch.Tensor, row_ids: torch.Tensor, logits: torch.Tensor, start: int
 ) -> None:
-    """Update a running argmax in place with logits [r, block] of `rows` for the vocabulary block at `start`.
+    """Update a running argmax in place with logits [r, block] of rows row_ids [r] for the vocabulary block at `start`.
 
     Blocks come in token order and only a strictly greater value replaces the best: on ties the lower id stays.
+    Only the rows whose best score is in this block need the index of their maximum (about ln(blocks) of the blocks
+    per row), so the indices are taken for those rows only. The reductions run on the logits' bits as integers
+    (on CPU an int16 reduction is ~4x faster than a bf16 one): for rows whose maximum is positive, the integer
+    maximum is the float maximum, and the first element with its bits is the first float maximum.
     """
-    value, index = logits.max(-1)  # max: the first maximum within the block
-    better = value > best_value[rows]
-    best_value[rows] = torch.where(better, value, best_value[rows])
-    best_index[rows] = torch.where(better, index + start, best_index[rows])
+    bits = logits.view(_SAME_WIDTH_INT[logits.dtype])
+    value = bits.amax(-1)  # [r]
+    if bool((value <= 0).any()):  # a maximum <= +0 (negative floats order backwards as integers): compare floats
+        bits, value = logits, logits.amax(-1)
+    else:
+        value = value.view(logits.dtype)
+    improved = value > best_value[row_ids]  # [r]
+    if not bool(improved.any()):
+        return
+    if not bool(improved.all()):
+        bits, value, row_ids = bits[improved], value[improved], row_ids[improved]
+    best_value[row_ids] = value
+    best_index[row_ids] = bits.max(-1).indices + start  # max: the first maximum
 
 
 def blocked_argmax(
-    states: torch.Tensor, weight: torch.Tensor, vocab_block: int | None = None, rows_per_matmul: int = 512
+    states: torch.Tensor, weight: torch.Tensor, vocab_block: int | None = None, rows_per_matmul: int = 2048
 ) -> torch.Tensor:
     """argmax_v weight[v] . states[i] -> token ids [n] (the first maximum on ties, as `argmax`); states [n, a].
 
@@ -149,11 +166,12 @@ def blocked_argmax(
         vocab_block = 4096 if states.device.type == "cpu" else vocab_size
     best_value = states.new_full((num_rows,), float("-inf"))
     best_index = torch.zeros(num_rows, dtype=torch.long, device=states.device)
+    row_ids = torch.arange(num_rows, device=states.device)
     for start in range(0, vocab_size, vocab_block):
         block = weight[start : start + vocab_block]
         for first in range(0, num_rows, rows_per_matmul):
             rows = slice(first, first + rows_per_matmul)
-            keep_first_maximum(best_value, best_index, rows, F.linear(states[rows], block), start)
+            keep_first_maximum(best_value, best_index, row_ids[rows], F.linear(states[rows], block), start)
     return best_index
 
 
@@ -163,7 +181,7 @@ def screened_argmax(
     screen: torch.Tensor,
     max_row_norm: float,
     vocab_block: int = 1024,
-    rows_per_matmul: int = 512,
+    rows_per_matmul: int = 2048,
 ) -> torch.Tensor:
     """The tokens of `blocked_argmax` for float32 `weight` [V, a] and `states` [n, a], mostly computed in bf16.
 
@@ -434,7 +452,7 @@ class CALMAutoencoder(CALMPreTrainedModel):
         return self.argmax_tokens(self.decoder(latents))
 
     def argmax_tokens(
-        self, hidden: torch.Tensor, vocab_block: int | None = None, rows_per_matmul: int = 512
+        self, hidden: torch.Tensor, vocab_block: int | None = None, rows_per_matmul: int = 2048
     ) -> torch.Tensor:
         """Decoder states [*, a] -> argmax token ids [*] (the first maximum on ties, as `argmax`).
 

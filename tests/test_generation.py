@@ -366,6 +366,86 @@ def test_identical_chunks_matches_full_decode():
     assert len(decoded) == 2 and decoded[0].shape == (3 * 40, 1, 5)  # first tokens, then the later ones at once
 
 
+def test_identical_chunks_decodes_the_likely_choice_in_the_first_pass():
+    """`complete` names one candidate per row: its later tokens ride along with the pool's first tokens (same
+    argmax call) when that call projects onto the whole vocabulary, and are left to `complete_chunks` when not."""
+    from calm_transformers.generation_calm import certified_argmax, identical_chunks, plain_argmax
+
+    torch.manual_seed(0)
+    weight = torch.randn(400, 5)  # a large vocabulary: most candidates are unique after their first token
+    states = torch.randn(2, 12, 4, 5)
+    states[1, 3:5] = states[1, 2]  # candidates 2, 3 and 4 of row 1 are one chunk: decoded to the end anyway
+    tokens = torch.nn.functional.linear(states, weight).argmax(-1)  # [2, 12, 4]
+    calls = []
+
+    def argmax_tokens(flat):
+        calls.append(flat.shape[0])
+        return torch.nn.functional.linear(flat, weight).argmax(-1)
+
+    def token_states(chunk_states, positions):
+        return chunk_states.unflatten(-1, (4, 5))[:, positions]
+
+    complete = torch.tensor([7, 3])
+    same, decoded = identical_chunks(
+        states.flatten(-2), token_states, 4, lambda s, a, **k: plain_argmax(s, a, argmax_tokens, **k), complete
+    )
+    assert torch.equal(same, (tokens.unsqueeze(2) == tokens.unsqueeze(1)).all(-1))
+    assert torch.equal(decoded[torch.arange(2), complete], tokens[torch.arange(2), complete])  # whole chunks
+    assert calls[0] == 2 * 12 + 2 * 3  # first tokens and the two likely choices' later tokens: one pass
+
+    # A shortlist that certifies every active state makes no full pass: optional states are then left undecoded.
+    norm = float(weight.norm(dim=-1).max())
+    pool = (3 * weight[11] + 0.001 * torch.randn(1, 6, 5)).clone()  # [1, 6, a]: five agreeing candidates
+    pool[0, 5] = torch.randn(5)  # and one optional state elsewhere
+    active = torch.tensor([[True] * 5 + [False]])
+    calls.clear()
+    found = certified_argmax(pool, active, weight, norm, argmax_tokens, 16, optional=~active)
+    assert calls == [] and found[0].tolist() == [11] * 5 + [-1]
+    pool[0, 4] = torch.randn(5)  # an active state the certificate cannot settle: the optional one comes along
+    found = certified_argmax(pool, active, weight, norm, argmax_tokens, 16, optional=~active)
+    assert calls == [2] and torch.equal(found, torch.nn.functional.linear(pool, weight).argmax(-1))
+
+
+def test_sample_from_pool_inverts_the_weights_at_the_uniform_draw():
+    """T = 1/2, chunks A x3, B x2, C x1: weights 3 : 1 : 0 on the first-seen copies of A and B."""
+    from calm_transformers.generation_calm import sample_from_pool
+
+    chunks = torch.tensor([0, 1, 0, 1, 2, 0])  # A B A B C A
+    same = (chunks[:, None] == chunks[None, :]).expand(5, -1, -1)
+    uniform = torch.tensor([0.0, 0.5, 0.7499, 0.75, 1 - 2.0**-53], dtype=torch.float64)
+    assert sample_from_pool(same, 0.5, uniform=uniform).tolist() == [0, 0, 0, 1, 1]  # never C (weight 0)
+    unique = torch.eye(8, dtype=torch.bool).expand(3, -1, -1)  # all unique: uniform over the 8 candidates
+    uniform = torch.tensor([0.0, 0.51, 0.99], dtype=torch.float64)
+    assert sample_from_pool(unique, 0.5, uniform=uniform).tolist() == [0, 4, 7]
+
+
+def test_next_chunk_decodes_the_chosen_unique_chunk_in_the_pool_pass(monkeypatch):
+    """Diverse candidates: the choice is the one drawn for an all-unique pool, decoded in the same pass as the
+    pool's first tokens, so a T = 0.5 step projects onto the vocabulary once."""
+    model = tiny_model(vocab_size=500)
+    with torch.no_grad():
+        model.ae_model.encoder.embed_tokens.weight.normal_()
+    torch.manual_seed(0)
+    hidden = torch.randn(2, model.config.hidden_size)
+    noise = torch.rand(2, 6, model.config.noise_size) - 0.5
+    with torch.no_grad():
+        latents = model.generative_head.sample(hidden.unsqueeze(1).expand(2, 6, -1), noise)
+        candidates = model.ae_model.decode_tokens(latents.unsqueeze(2))  # [2, 6, K]
+    first = candidates[..., 0]
+    assert bool(((first.unsqueeze(2) == first.unsqueeze(1)).sum(-1) == 1).all())  # the premise: all unique
+    calls = []
+    argmax_tokens = model.ae_model.argmax_tokens
+    monkeypatch.setattr(model.ae_model, "argmax_tokens", lambda s: calls.append(s.shape[0]) or argmax_tokens(s))
+    for seed in range(4):
+        calls.clear()
+        chunk = model._next_chunk(
+            hidden, 6, 0.5, True, torch.Generator().manual_seed(seed), lambda shape, device, dtype: noise
+        )
+        choice = temperature_sampling(candidates, 0.5, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(chunk, candidates[torch.arange(2), choice])
+        assert calls == [2 * 6 + 2 * (model.config.patch_size - 1)]
+
+
 def test_token_states_are_the_decoders_states():
     """`chunk_state` + `token_states(positions)`, the token-at-a-time decode of candidate pools, is the decoder's
     forward pass, on any subset of rows and positions."""
@@ -421,6 +501,36 @@ def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows):
     assert bool((expected == 7).any())
     for blocks in ({}, {"vocab_block": 7, "rows_per_matmul": 5}, {"vocab_block": 40, "rows_per_matmul": 64}):
         assert torch.equal(ae.argmax_tokens(states, **blocks), expected), blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_keep_first_maximum_on_signs_zeros_and_ties(dtype):
+    """The running argmax reduces on the logits' bits as integers where that is exact (positive maxima) and on
+    floats elsewhere: all-negative rows, a maximum of 0 reached first by -0, ties inside and across blocks."""
+    from calm_transformers.modeling_calm import keep_first_maximum
+
+    nan = float("nan")
+    blocks = [  # two vocabulary blocks of 3 tokens, one row per case
+        [[-3.0, -1.0, -2.0], [-0.0, -1.0, 0.0], [1.0, 5.0, 5.0], [2.0, 1.0, 2.0], [-5.0, -4.0, -4.0], [7.0, 1.0, 2.0]],
+        [[-1.0, -1.5, -0.5], [0.0, -2.0, 0.0], [5.0, 6.0, 6.0], [2.0, 1.5, 1.0], [-4.0, -9.0, -9.0], [nan, 1.0, 3.0]],
+    ]
+    logits = torch.tensor(blocks, dtype=dtype)  # [blocks, rows, 3]
+    best_value = torch.full((6,), float("-inf"), dtype=dtype)
+    best_index = torch.zeros(6, dtype=torch.long)
+    for b in range(2):
+        keep_first_maximum(best_value, best_index, torch.arange(6), logits[b], 3 * b)
+    full = torch.cat(list(logits), dim=-1)  # [rows, 6]
+    assert best_index[:5].tolist() == full[:5].argmax(-1).tolist() == [5, 0, 4, 0, 1]
+    assert best_index[5] == 0  # NaN logits are not a maximum: the row keeps its best number
+
+    torch.manual_seed(0)  # mixed signs at random, across 5 blocks of 37 tokens
+    scores = torch.randn(300, 185).to(dtype) - torch.linspace(-3, 3, 300)[:, None].to(dtype)
+    best_value = torch.full((300,), float("-inf"), dtype=dtype)
+    best_index = torch.zeros(300, dtype=torch.long)
+    for start in range(0, 185, 37):
+        keep_first_maximum(best_value, best_index, torch.arange(300), scores[:, start : start + 37], start)
+    assert torch.equal(best_index, scores.argmax(-1))
+    assert torch.equal(best_value, scores.amax(-1))
 
 
 def _pool_states(agree: bool, dtype=torch.float32, rows: int = 3, candidates: int = 50):
