@@ -512,7 +512,6 @@ class CALMGenerationMixin(GenerationMixin):
     ) -> torch.Tensor:
         """hidden [B, d] -> the next chunk's token ids [B, K]. `pool_argmax` decodes the pool (default: plain)."""
         batch_size = hidden.shape[0]
-        hidden = hidden.unsqueeze(1).expand(batch_size, pool_size, hidden.shape[-1])  # [B, N, d]
         noise = None
         if noise_sampler is not None:
             shape = (
@@ -521,7 +520,7 @@ class CALMGenerationMixin(GenerationMixin):
                 else (batch_size, pool_size, self.config.noise_size)
             )
             noise = noise_sampler(shape, hidden.device, hidden.dtype).reshape(batch_size, pool_size, -1)
-        latents = self.generative_head.sample(hidden, noise, generator=generator)  # [B, N, l]
+        latents = self.generative_head.sample(hidden, noise, generator, num_samples=pool_size)  # [B, N, l]
         if pool_size > 1:
             decoder = self.ae_model.decoder
             pool_argmax = pool_argmax or partial(plain_argmax, argmax_tokens=self.ae_model.argmax_tokens)

@@ -342,7 +342,11 @@ class MLPBlock(nn.Module):
         self.down_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        gate, value = self.linears(torch.cat([self.in_ln(x), y], dim=-1)).chunk(2, dim=-1)
+        """x [*, N, d], y [*, N or 1, d] -> [*, N, d]. `linears[0]` acts on cat([in_ln(x), y]); its y half is
+        applied to y as given, so a hidden state shared by N samples is projected once, not N times."""
+        first, d = self.linears[0], x.shape[-1]
+        hidden = F.linear(self.in_ln(x), first.weight[:, :d], first.bias) + F.linear(y, first.weight[:, d:])
+        gate, value = self.linears[1:](hidden).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * value)
 
 
@@ -373,6 +377,7 @@ class MLPGenerator(nn.Module):
         self.final_layer = FinalLayer(d, config.latent_size)
 
     def forward(self, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """hidden [*, d] and noise [*, noise_size] -> [*, l]; hidden's leading dims may be 1 where noise's are not."""
         x = self.norm_noise(self.noise_embd(noise))
         y = self.norm_hidden(self.hidden_embd(hidden))
         for block in self.mlp_blocks:
@@ -380,20 +385,25 @@ class MLPGenerator(nn.Module):
         return self.final_layer(x)
 
     def sample(
-        self, hidden: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        hidden: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        num_samples: int | None = None,
     ) -> torch.Tensor:
-        """hidden [*, d] -> one latent sample [*, l] per row. `noise` [*, noise_size] is uniform in [-0.5, 0.5)."""
+        """hidden [*, d] -> one latent sample [*, l] per row, or num_samples of them, [*, num_samples, l] (the
+        hidden state's part of the head computed once per row). `noise` [*, (num_samples,) noise_size] is uniform
+        in [-0.5, 0.5); drawn from `generator` when None."""
+        samples = hidden.shape[:-1] if num_samples is None else (*hidden.shape[:-1], num_samples)
+        shape = (*samples, self.noise_size)
+        if num_samples is not None:
+            hidden = hidden.unsqueeze(-2)  # [*, 1, d]: broadcasts against the samples' noise
         if noise is None:
-            noise = (
-                torch.rand(
-                    (*hidden.shape[:-1], self.noise_size), generator=generator, device=hidden.device, dtype=hidden.dtype
-                )
-                - 0.5
-            )
-        elif noise.shape != (*hidden.shape[:-1], self.noise_size):
+            noise = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
+        elif noise.shape != shape:
             raise ValueError(
-                f"noise must have shape {(*hidden.shape[:-1], self.noise_size)} (hidden's leading dims + noise_size), "
-                f"got {tuple(noise.shape)}."
+                f"noise must have shape {shape} (hidden's leading dims{', num_samples' if num_samples else ''}, "
+                f"noise_size), got {tuple(noise.shape)}."
             )
         return self(hidden, noise.to(hidden.dtype))
 

@@ -54,8 +54,7 @@ def breakdown(calm, batch: int, num_samples: int, prompt_len: int, repeats: int)
     _, cache, _ = calm.backbone(embeds, use_cache=True)
     last = embeds[:, -1:]
     hidden = torch.randn(batch, config.hidden_size, dtype=dtype, device=device)
-    pool = hidden.unsqueeze(1).expand(batch, num_samples, -1)  # [B, N, d]
-    latents = calm.generative_head.sample(pool)  # [B, N, l]
+    latents = calm.generative_head.sample(hidden, num_samples=num_samples)  # [B, N, l]
     decoder, ae = calm.ae_model.decoder, calm.ae_model
     chunk_states = decoder.chunk_state(latents).flatten(0, 1)  # [B*N, a]
     first_states = decoder.token_states(chunk_states, slice(0, 1))[:, 0]  # [B*N, a]
@@ -68,7 +67,7 @@ def breakdown(calm, batch: int, num_samples: int, prompt_len: int, repeats: int)
         "backbone step (+ cache copy)": lambda: calm.backbone(last, None, None, copy.deepcopy(cache), use_cache=True),
         "cache copy alone": lambda: copy.deepcopy(cache),
         "head, 1 sample": lambda: calm.generative_head.sample(hidden),
-        f"head, {num_samples} samples per row": lambda: calm.generative_head.sample(pool),
+        f"head, {num_samples} samples per row": lambda: calm.generative_head.sample(hidden, num_samples=num_samples),
         "pool: chunk_state": lambda: decoder.chunk_state(latents),
         "pool: first token's states": lambda: decoder.token_states(chunk_states, slice(0, 1)),
         "pool: first token's argmax": lambda: ae.argmax_tokens(first_states),

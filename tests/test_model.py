@@ -122,6 +122,26 @@ def test_gradient_flows_through_backbone_and_head():
     assert all(not p.requires_grad for p in model.ae_model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_samples_share_the_hidden_state_projection(dtype):
+    """sample(hidden [B, d], num_samples=N) projects each hidden state once: the same samples as N expanded copies
+    (to rounding), the same draws from a generator, and a clear error for noise of the wrong shape."""
+    head = tiny_model().generative_head.to(dtype)
+    hidden = torch.randn(3, head.hidden_embd.in_features, dtype=dtype)
+    noise = torch.rand(3, 5, head.noise_size) - 0.5
+    with torch.no_grad():
+        shared = head.sample(hidden, noise, num_samples=5)  # [3, 5, l]
+        expanded = head.sample(hidden.unsqueeze(1).expand(3, 5, -1), noise)
+        drawn = head.sample(hidden, generator=torch.Generator().manual_seed(0), num_samples=5)
+        redrawn = head.sample(hidden.unsqueeze(1).expand(3, 5, -1), generator=torch.Generator().manual_seed(0))
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.05}
+    assert shared.shape == (3, 5, head.final_layer.linears[-1].out_features)
+    torch.testing.assert_close(shared, expanded, **tolerance)
+    torch.testing.assert_close(drawn, redrawn, **tolerance)
+    with pytest.raises(ValueError, match=r"noise must have shape \(3, 5, 8\)"):
+        head.sample(hidden, noise[:, :4], num_samples=5)
+
+
 def test_labels_minus_100_skip_chunks():
     model = tiny_model(patch_size=4)
     ids = torch.randint(0, 90, (1, 16))
