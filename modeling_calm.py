@@ -342,10 +342,12 @@ class MLPBlock(nn.Module):
         self.down_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x [*, N, d], y [*, N or 1, d] -> [*, N, d]. `linears[0]` acts on cat([in_ln(x), y]); its y half is
-        applied to y as given, so a hidden state shared by N samples is projected once, not N times."""
+        """x [*, N, d], y [*, N or 1, d] -> [*, N, d]. `linears[0]` acts on cat([in_ln(x), y])."""
         first, d = self.linears[0], x.shape[-1]
-        hidden = F.linear(self.in_ln(x), first.weight[:, :d], first.bias) + F.linear(y, first.weight[:, d:])
+        if y.shape == x.shape:
+            hidden = first(torch.cat([self.in_ln(x), y], dim=-1))
+        else:  # y is shared by N samples: its half of `linears[0]` is applied once per row, not N times
+            hidden = F.linear(self.in_ln(x), first.weight[:, :d], first.bias) + F.linear(y, first.weight[:, d:])
         gate, value = self.linears[1:](hidden).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * value)
 
