@@ -122,6 +122,15 @@ def cpu_has_fast_bf16() -> bool:
 _SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
+def bits_amax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`x.amax(dim)`, reduced on x's bits as integers where that gives the same maxima (all of them positive: the
+    bits of positive floats order as integers do). On CPU an int16 reduction is ~4x faster than a bf16 one."""
+    bits = x.view(_SAME_WIDTH_INT[x.dtype]).amax(dim)
+    if bool((bits <= 0).any()):  # a maximum <= +0 (negative floats order backwards as integers): compare floats
+        return x.amax(dim)
+    return bits.view(x.dtype)
+
+
 def keep_first_maximum(
     best_value: torch.Tensor, best_index: torch.Tensor, row_ids: torch.Tensor, logits: torch.Tensor, start: int
 ) -> None:
@@ -129,23 +138,18 @@ def keep_first_maximum(
 
     Blocks come in token order and only a strictly greater value replaces the best: on ties the lower id stays.
     Only the rows whose best score is in this block need the index of their maximum (about ln(blocks) of the blocks
-    per row), so the indices are taken for those rows only. The reductions run on the logits' bits as integers
-    (on CPU an int16 reduction is ~4x faster than a bf16 one): for rows whose maximum is positive, the integer
-    maximum is the float maximum, and the first element with its bits is the first float maximum.
+    per row), so the indices are taken for those rows only. Both reductions run on the logits' bits as integers
+    where every maximum is positive (equal positive floats have equal bits, so the first maximum is the same).
     """
-    bits = logits.view(_SAME_WIDTH_INT[logits.dtype])
-    value = bits.amax(-1)  # [r]
-    if bool((value <= 0).any()):  # a maximum <= +0 (negative floats order backwards as integers): compare floats
-        bits, value = logits, logits.amax(-1)
-    else:
-        value = value.view(logits.dtype)
+    value = bits_amax(logits, -1)  # [r]
     improved = value > best_value[row_ids]  # [r]
     if not bool(improved.any()):
         return
     if not bool(improved.all()):
-        bits, value, row_ids = bits[improved], value[improved], row_ids[improved]
+        logits, value, row_ids = logits[improved], value[improved], row_ids[improved]
+    ordered = logits.view(_SAME_WIDTH_INT[logits.dtype]) if bool((value > 0).all()) else logits
     best_value[row_ids] = value
-    best_index[row_ids] = bits.max(-1).indices + start  # max: the first maximum
+    best_index[row_ids] = ordered.max(-1).indices + start  # max: the first maximum
 
 
 def blocked_argmax(
@@ -199,7 +203,7 @@ def screened_argmax(
     for first in range(0, num_rows, rows_per_matmul):
         rows = states[first : first + rows_per_matmul].to(torch.bfloat16).T  # [a, r]
         for b, start in enumerate(starts):
-            block_max[b, first : first + rows.shape[1]] = (screen[start : start + vocab_block] @ rows).amax(0)
+            block_max[b, first : first + rows.shape[1]] = bits_amax(screen[start : start + vocab_block] @ rows, 0)
     if not bool(torch.isfinite(block_max).all()):  # inf / nan scores: no bound holds
         return blocked_argmax(states, weight, rows_per_matmul=rows_per_matmul)
     candidate = block_max >= block_max.amax(0) - 2 * err  # [blocks, n]

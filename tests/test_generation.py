@@ -507,7 +507,7 @@ def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows):
 def test_keep_first_maximum_on_signs_zeros_and_ties(dtype):
     """The running argmax reduces on the logits' bits as integers where that is exact (positive maxima) and on
     floats elsewhere: all-negative rows, a maximum of 0 reached first by -0, ties inside and across blocks."""
-    from calm_transformers.modeling_calm import keep_first_maximum
+    from calm_transformers.modeling_calm import bits_amax, keep_first_maximum
 
     nan = float("nan")
     blocks = [  # two vocabulary blocks of 3 tokens, one row per case
@@ -531,6 +531,9 @@ def test_keep_first_maximum_on_signs_zeros_and_ties(dtype):
         keep_first_maximum(best_value, best_index, torch.arange(300), scores[:, start : start + 37], start)
     assert torch.equal(best_index, scores.argmax(-1))
     assert torch.equal(best_value, scores.amax(-1))
+    for dim in (0, 1):
+        assert torch.equal(bits_amax(scores, dim), scores.amax(dim))
+        assert torch.equal(bits_amax(scores.abs() + 1, dim), (scores.abs() + 1).amax(dim))  # all positive: on bits
 
 
 def _pool_states(agree: bool, dtype=torch.float32, rows: int = 3, candidates: int = 50):
