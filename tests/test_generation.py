@@ -736,6 +736,9 @@ def test_argmax_tokens_routes_float32_through_the_screen(monkeypatch):
     calls = []
     screened = modeling_calm.screened_argmax
     monkeypatch.setattr(modeling_calm, "screened_argmax", lambda *a, **k: calls.append(1) or screened(*a, **k))
+    monkeypatch.setattr(modeling_calm, "cpu_has_fast_bf16", lambda: True)
+    assert torch.equal(ae.argmax_tokens(flat), flat.matmul(weight.T).argmax(-1)) and calls == []  # 500 tokens: small
+    monkeypatch.setattr(modeling_calm, "SCREEN_MIN_VOCAB", 500)
     for fast in (True, False):
         monkeypatch.setattr(modeling_calm, "cpu_has_fast_bf16", lambda fast=fast: fast)
         assert torch.equal(ae.argmax_tokens(flat), flat.matmul(weight.T).argmax(-1))
