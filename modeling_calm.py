@@ -131,51 +131,79 @@ def bits_amax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return bits.view(x.dtype)
 
 
+def _run_amax(scores: torch.Tensor, run: int) -> torch.Tensor:
+    """scores [t, c] -> the maxima of each run of `run` consecutive rows, [ceil(t / run), c]."""
+    whole = scores.shape[0] // run * run
+    maxima = [scores[:whole].unflatten(0, (-1, run)).amax(1)] if whole else []
+    if whole < scores.shape[0]:
+        maxima.append(scores[whole:].amax(0, keepdim=True))
+    return torch.cat(maxima) if len(maxima) > 1 else maxima[0]
+
+
 def keep_first_maximum(
-    best_value: torch.Tensor, best_index: torch.Tensor, row_ids: torch.Tensor, logits: torch.Tensor, start: int
+    best_value: torch.Tensor,
+    best_index: torch.Tensor,
+    columns: torch.Tensor,
+    logits: torch.Tensor,
+    start: int,
+    run: int = 64,
 ) -> None:
-    """Update a running argmax in place with logits [r, block] of rows row_ids [r] for the vocabulary block at `start`.
+    """Update a running argmax in place with logits [block, c]: the scores of the vocabulary block at `start` for the
+    states `columns` [c] (their indices into best_value and best_index).
 
     Blocks come in token order and only a strictly greater value replaces the best: on ties the lower id stays.
-    Only the rows whose best score is in this block need the index of their maximum (about ln(blocks) of the blocks
-    per row), so the indices are taken for those rows only. Both reductions run on the logits' bits as integers
-    where every maximum is positive (equal positive floats have equal bits, so the first maximum is the same).
+    Each column's maximum is reduced in runs of `run` tokens (along the contiguous rows of the block: fast); only the
+    columns whose best score this block improves (about ln(blocks) of the blocks per column) look for the first
+    maximum, inside the first run that reaches it. The reductions run on the logits' bits as integers where every
+    maximum is positive (equal positive floats have equal bits, so the first maximum is the same).
     """
-    value = bits_amax(logits, -1)  # [r]
-    improved = value > best_value[row_ids]  # [r]
-    if not bool(improved.any()):
+    bits = logits.view(_SAME_WIDTH_INT[logits.dtype])
+    run_max = _run_amax(bits, run)  # [runs, c]
+    value = run_max.amax(0)  # [c]
+    if bool((value > 0).all()):
+        ordered, best = bits, value.view(logits.dtype)
+    else:  # a maximum <= +0: negative floats order backwards as integers, so compare floats
+        ordered, run_max = logits, _run_amax(logits, run)
+        value = best = run_max.amax(0)
+    improved = (best > best_value[columns]).nonzero().squeeze(-1)  # [m]
+    if not len(improved):
         return
-    if not bool(improved.all()):
-        logits, value, row_ids = logits[improved], value[improved], row_ids[improved]
-    ordered = logits.view(_SAME_WIDTH_INT[logits.dtype]) if bool((value > 0).all()) else logits
-    best_value[row_ids] = value
-    best_index[row_ids] = ordered.max(-1).indices + start  # max: the first maximum
+    first_run = (run_max[:, improved] == value[improved]).to(torch.uint8).argmax(0)  # [m]: argmax, the first
+    # The first run's rows; past the block's end the last row repeats, after its first occurrence.
+    rows = (first_run[:, None] * run + torch.arange(run, device=logits.device)).clamp(max=logits.shape[0] - 1)
+    offset = ordered[rows, improved[:, None]].max(-1).indices  # [m]; max: the first maximum
+    best_value[columns[improved]] = best[improved]
+    best_index[columns[improved]] = start + first_run * run + offset
 
 
+@torch.no_grad()
 def blocked_argmax(
     states: torch.Tensor, weight: torch.Tensor, vocab_block: int | None = None, rows_per_matmul: int = 2048
 ) -> torch.Tensor:
     """argmax_v weight[v] . states[i] -> token ids [n] (the first maximum on ties, as `argmax`); states [n, a].
 
-    Up to 64 rows (one chunk per sequence at T = 1) are projected at once as `weight @ states.T`, which streams the
-    large weight as the matmul's first operand (about 2x faster on CPU), and reduced with `max` (4x faster than
-    `argmax` on CPU, and it also returns the first maximum). More rows are projected rows_per_matmul x vocab_block
-    logits at a time, with a running maximum; on CPU vocab_block is 4096, so that each block stays in cache: an
-    argmax over a [rows, 128257] bf16 buffer costs more than the matmul that filled it.
+    The logits are computed as `weight @ states.T` (the large weight as the matmul's first operand, which CPU
+    kernels read as it is, while they repack a second operand on every call) and reduced along the vocabulary with
+    `max` (4x faster than `argmax` on CPU, and it also returns the first maximum). Up to 64 rows (one chunk per
+    sequence at T = 1) at once; more rows (a pool) vocab_block x rows_per_matmul logits at a time into one reused
+    buffer, with a running maximum (`keep_first_maximum`). On CPU vocab_block is 8192, so that each block stays in
+    cache: an argmax over a [rows, 128257] bf16 buffer costs more than the matmul that filled it.
     """
     num_rows, vocab_size = states.shape[0], weight.shape[0]
     if num_rows <= 64:
         return (weight @ states.T).max(0).indices  # logits [V, n]; max: the first maximum on ties
     if vocab_block is None:
-        vocab_block = 4096 if states.device.type == "cpu" else vocab_size
+        vocab_block = 8192 if states.device.type == "cpu" else vocab_size
     best_value = states.new_full((num_rows,), float("-inf"))
     best_index = torch.zeros(num_rows, dtype=torch.long, device=states.device)
-    row_ids = torch.arange(num_rows, device=states.device)
-    for start in range(0, vocab_size, vocab_block):
-        block = weight[start : start + vocab_block]
-        for first in range(0, num_rows, rows_per_matmul):
-            rows = slice(first, first + rows_per_matmul)
-            keep_first_maximum(best_value, best_index, row_ids[rows], F.linear(states[rows], block), start)
+    for first in range(0, num_rows, rows_per_matmul):
+        columns = torch.arange(first, min(first + rows_per_matmul, num_rows), device=states.device)
+        states_t = states[first : first + rows_per_matmul].T.contiguous()  # [a, c]
+        buffer = states.new_empty(min(vocab_block, vocab_size), len(columns))  # reused: no large allocation per block
+        for start in range(0, vocab_size, vocab_block):
+            block = weight[start : start + vocab_block]
+            logits = torch.mm(block, states_t, out=buffer[: len(block)])  # [block, c]
+            keep_first_maximum(best_value, best_index, columns, logits, start)
     return best_index
 
 
@@ -206,7 +234,7 @@ def screened_argmax(
     starts = range(0, weight.shape[0], vocab_block)
     block_max = states.new_empty(len(starts), num_rows)  # [blocks, n]: best bf16 score per vocabulary block
     for first in range(0, num_rows, rows_per_matmul):
-        rows = states[first : first + rows_per_matmul].to(torch.bfloat16).T  # [a, r]
+        rows = states[first : first + rows_per_matmul].to(torch.bfloat16).T.contiguous()  # [a, r]
         for b, start in enumerate(starts):
             block_max[b, first : first + rows.shape[1]] = bits_amax(screen[start : start + vocab_block] @ rows, 0)
     if not bool(torch.isfinite(block_max).all()):  # inf / nan scores: no bound holds
@@ -217,7 +245,7 @@ def screened_argmax(
     best_index = torch.zeros(num_rows, dtype=torch.long, device=states.device)
     for b in candidate.any(-1).nonzero().squeeze(-1).tolist():  # in token order: ties go to the lower id
         rows = candidate[b].nonzero().squeeze(-1)
-        logits = F.linear(states[rows], weight[starts[b] : starts[b] + vocab_block])
+        logits = weight[starts[b] : starts[b] + vocab_block] @ states[rows].T  # [block, r], as in blocked_argmax
         keep_first_maximum(best_value, best_index, rows, logits, starts[b])
     return best_index
 

@@ -44,10 +44,12 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def projection_matmuls(states: torch.Tensor, weight: torch.Tensor, vocab_block: int = 4096) -> None:
-    """The matmuls of `blocked_argmax` (its blocks and orientation), each result dropped at once."""
+def projection_matmuls(states: torch.Tensor, weight: torch.Tensor, vocab_block: int = 8192) -> None:
+    """The matmuls of `blocked_argmax` (its blocks, orientation and output buffer), without the running argmax."""
+    states_t = states.T.contiguous()
+    buffer = states.new_empty(vocab_block, states.shape[0])
     for block in weight.split(vocab_block):
-        torch.nn.functional.linear(states, block)
+        torch.mm(block, states_t, out=buffer[: len(block)])
 
 
 @torch.no_grad()

@@ -503,10 +503,12 @@ def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows):
         assert torch.equal(ae.argmax_tokens(states, **blocks), expected), blocks
 
 
+@pytest.mark.parametrize("run", [64, 5, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_keep_first_maximum_on_signs_zeros_and_ties(dtype):
+def test_keep_first_maximum_on_signs_zeros_and_ties(dtype, run):
     """The running argmax reduces on the logits' bits as integers where that is exact (positive maxima) and on
-    floats elsewhere: all-negative rows, a maximum of 0 reached first by -0, ties inside and across blocks."""
+    floats elsewhere: all-negative columns, a maximum of 0 reached first by -0, ties inside and across blocks and
+    runs, blocks that end inside a run."""
     from calm_transformers.modeling_calm import bits_amax, keep_first_maximum
 
     nan = float("nan")
@@ -514,23 +516,29 @@ def test_keep_first_maximum_on_signs_zeros_and_ties(dtype):
         [[-3.0, -1.0, -2.0], [-0.0, -1.0, 0.0], [1.0, 5.0, 5.0], [2.0, 1.0, 2.0], [-5.0, -4.0, -4.0], [7.0, 1.0, 2.0]],
         [[-1.0, -1.5, -0.5], [0.0, -2.0, 0.0], [5.0, 6.0, 6.0], [2.0, 1.5, 1.0], [-4.0, -9.0, -9.0], [nan, 1.0, 3.0]],
     ]
-    logits = torch.tensor(blocks, dtype=dtype)  # [blocks, rows, 3]
+    logits = torch.tensor(blocks, dtype=dtype)  # [blocks, cases, 3]
     best_value = torch.full((6,), float("-inf"), dtype=dtype)
     best_index = torch.zeros(6, dtype=torch.long)
     for b in range(2):
-        keep_first_maximum(best_value, best_index, torch.arange(6), logits[b], 3 * b)
-    full = torch.cat(list(logits), dim=-1)  # [rows, 6]
+        keep_first_maximum(best_value, best_index, torch.arange(6), logits[b].T, 3 * b, run)  # [3 tokens, 6 cases]
+    full = torch.cat(list(logits), dim=-1)  # [cases, 6]
     assert best_index[:5].tolist() == full[:5].argmax(-1).tolist() == [5, 0, 4, 0, 1]
-    assert best_index[5] == 0  # NaN logits are not a maximum: the row keeps its best number
+    assert best_index[5] == 0  # NaN logits are not a maximum: the case keeps its best number
 
-    torch.manual_seed(0)  # mixed signs at random, across 5 blocks of 37 tokens
-    scores = torch.randn(300, 185).to(dtype) - torch.linspace(-3, 3, 300)[:, None].to(dtype)
+    torch.manual_seed(0)  # mixed signs at random, across 5 blocks of 37 tokens; ties from a coarse grid
+    scores = (torch.randn(300, 185) * 4).round().to(dtype) - torch.linspace(-3, 3, 300)[:, None].round().to(dtype)
     best_value = torch.full((300,), float("-inf"), dtype=dtype)
     best_index = torch.zeros(300, dtype=torch.long)
     for start in range(0, 185, 37):
-        keep_first_maximum(best_value, best_index, torch.arange(300), scores[:, start : start + 37], start)
+        keep_first_maximum(best_value, best_index, torch.arange(300), scores[:, start : start + 37].T, start, run)
     assert torch.equal(best_index, scores.argmax(-1))
     assert torch.equal(best_value, scores.amax(-1))
+    columns = torch.arange(0, 300, 7)  # a subset of the states: only theirs change
+    best_value = torch.full((300,), float("-inf"), dtype=dtype)
+    best_index = torch.full((300,), -1)
+    keep_first_maximum(best_value, best_index, columns, scores[columns].T, 0, run)
+    assert torch.equal(best_index[columns], scores[columns].argmax(-1))
+    assert int((best_index >= 0).sum()) == len(columns)
     for dim in (0, 1):
         assert torch.equal(bits_amax(scores, dim), scores.amax(dim))
         assert torch.equal(bits_amax(scores.abs() + 1, dim), (scores.abs() + 1).amax(dim))  # all positive: on bits
