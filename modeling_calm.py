@@ -482,6 +482,12 @@ class CALMAutoencoder(CALMPreTrainedModel):
         self.decoder = CALMDecoder(config)
         self.post_init()
 
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> CALMAutoencoder:
+        # `.to()`, `.cuda()`, `.half()` and the like: values derived from the old weight (a 131 MB bf16 screen for
+        # CALM-M) would otherwise stay in memory until the next pool decode; they are recomputed on demand.
+        self.__dict__.pop("_projection_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.encoder.embed_tokens
 
@@ -526,7 +532,8 @@ class CALMAutoencoder(CALMPreTrainedModel):
 
         def compute() -> float:  # in blocks: no fp32 copy of the whole weight (250 MiB for the Llama 3 vocabulary)
             blocks = self.encoder.embed_tokens.weight.detach().split(4096)
-            return max(torch.linalg.vector_norm(b, dim=-1, dtype=torch.float32).max().item() for b in blocks)
+            dtype = torch.promote_types(blocks[0].dtype, torch.float32)  # bf16 / fp16 norms in float32 (no overflow)
+            return max(torch.linalg.vector_norm(b, dim=-1, dtype=dtype).max().item() for b in blocks)
 
         return self._cached("max_row_norm", compute)
 

@@ -692,6 +692,10 @@ def test_cached_projection_values_follow_weight_changes():
     assert torch.equal(ae.argmax_tokens(flat), flat.matmul(weight.T).argmax(-1))
     if "bf16_weight" in ae.__dict__.get("_projection_cache", {}):  # the screen ran (a CPU with bf16 units)
         assert torch.equal(ae._cached("bf16_weight", None), weight.to(torch.bfloat16))
+    assert "_projection_cache" in ae.__dict__
+    ae.to(torch.float64)  # moving or casting the model drops the copies (the bf16 screen: 131 MB at CALM-M shapes)
+    assert "_projection_cache" not in ae.__dict__
+    assert ae.max_row_norm() == pytest.approx(ae.encoder.embed_tokens.weight.norm(dim=-1).max().item())
 
 
 @pytest.mark.parametrize("num_rows", [1, 5, 64, 300])
