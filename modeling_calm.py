@@ -186,20 +186,22 @@ def blocked_argmax(
     kernels read as it is, while they repack a second operand on every call) and reduced along the vocabulary with
     `max` (4x faster than `argmax` on CPU, and it also returns the first maximum). Up to 64 rows (one chunk per
     sequence at T = 1) at once; more rows (a pool) vocab_block x rows_per_matmul logits at a time into one reused
-    buffer, with a running maximum (`keep_first_maximum`). On CPU vocab_block is 8192, so that each block stays in
-    cache: an argmax over a [rows, 128257] bf16 buffer costs more than the matmul that filled it.
+    buffer, with a running maximum (`keep_first_maximum`). On CPU the default vocab_block holds about 2^24 logits
+    (8192 tokens for 1600 rows, 65536 for 200): large enough that the per-block reduction calls cost little, small
+    enough that an argmax over all [V, rows] logits (which costs more than the matmul that filled it) is avoided.
     """
     num_rows, vocab_size = states.shape[0], weight.shape[0]
     if num_rows <= 64:
         return (weight @ states.T).max(0).indices  # logits [V, n]; max: the first maximum on ties
-    if vocab_block is None:
-        vocab_block = 8192 if states.device.type == "cpu" else vocab_size
+    if vocab_block is None and states.device.type == "cpu":  # about 2^24 logits per block, a power of two tokens
+        vocab_block = 2 ** ((2**24 // min(num_rows, rows_per_matmul)).bit_length() - 1)
+    vocab_block = min(vocab_block or vocab_size, vocab_size)
     best_value = states.new_full((num_rows,), float("-inf"))
     best_index = torch.zeros(num_rows, dtype=torch.long, device=states.device)
     for first in range(0, num_rows, rows_per_matmul):
         columns = torch.arange(first, min(first + rows_per_matmul, num_rows), device=states.device)
         states_t = states[first : first + rows_per_matmul].T.contiguous()  # [a, c]
-        buffer = states.new_empty(min(vocab_block, vocab_size), len(columns))  # reused: no large allocation per block
+        buffer = states.new_empty(vocab_block, len(columns))  # reused: no large allocation per block
         for start in range(0, vocab_size, vocab_block):
             block = weight[start : start + vocab_block]
             logits = torch.mm(block, states_t, out=buffer[: len(block)])  # [block, c]
@@ -234,7 +236,7 @@ def screened_argmax(
     starts = range(0, weight.shape[0], vocab_block)
     block_max = states.new_empty(len(starts), num_rows)  # [blocks, n]: best bf16 score per vocabulary block
     for first in range(0, num_rows, rows_per_matmul):
-        rows = states[first : first + rows_per_matmul].to(torch.bfloat16).T.contiguous()  # [a, r]
+        rows = states[first : first + rows_per_matmul].to(torch.bfloat16).T  # [a, r]
         for b, start in enumerate(starts):
             block_max[b, first : first + rows.shape[1]] = bits_amax(screen[start : start + vocab_block] @ rows, 0)
     if not bool(torch.isfinite(block_max).all()):  # inf / nan scores: no bound holds
