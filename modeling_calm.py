@@ -183,18 +183,15 @@ def blocked_argmax(
     """argmax_v weight[v] . states[i] -> token ids [n] (the first maximum on ties, as `argmax`); states [n, a].
 
     The logits are computed as `weight @ states.T` (the large weight as the matmul's first operand, which CPU
-    kernels read as it is, while they repack a second operand on every call) and reduced along the vocabulary with
-    `max` (4x faster than `argmax` on CPU, and it also returns the first maximum). Up to 64 rows (one chunk per
-    sequence at T = 1) at once; more rows (a pool) vocab_block x rows_per_matmul logits at a time into one reused
-    buffer, with a running maximum (`keep_first_maximum`). On CPU the default vocab_block holds about 2^24 logits
-    (8192 tokens for 1600 rows, 65536 for 200): large enough that the per-block reduction calls cost little, small
-    enough that an argmax over all [V, rows] logits (which costs more than the matmul that filled it) is avoided.
+    kernels read as it is, while they repack a second operand on every call), vocab_block x rows_per_matmul at a
+    time into one reused buffer, and reduced with a running maximum (`keep_first_maximum`). On CPU the default
+    vocab_block holds about 2^24 logits: all 128257 tokens of CALM-M for up to 128 rows (T = 1 decodes one chunk
+    per sequence), 65536 tokens for 200 rows, 8192 for 1600; large enough that the per-block calls cost little,
+    small enough to avoid an argmax over all [V, rows] logits of a pool (more costly than the matmul behind them).
     """
     num_rows, vocab_size = states.shape[0], weight.shape[0]
-    if num_rows <= 64:
-        return (weight @ states.T).max(0).indices  # logits [V, n]; max: the first maximum on ties
     if vocab_block is None and states.device.type == "cpu":  # about 2^24 logits per block, a power of two tokens
-        vocab_block = 2 ** ((2**24 // min(num_rows, rows_per_matmul)).bit_length() - 1)
+        vocab_block = 2 ** ((2**24 // max(1, min(num_rows, rows_per_matmul))).bit_length() - 1)
     vocab_block = min(vocab_block or vocab_size, vocab_size)
     best_value = states.new_full((num_rows,), float("-inf"))
     best_index = torch.zeros(num_rows, dtype=torch.long, device=states.device)

@@ -488,8 +488,7 @@ def test_complete_chunks_decodes_only_the_missing_tokens_in_one_call():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_rows", [3, 64, 65, 700])
 def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows):
-    """Blocked over rows and vocabulary (and `weight @ states.T` for few rows): the argmax of the full logits,
-    the first maximum on ties."""
+    """Blocked over rows and vocabulary: the argmax of the full logits, the first maximum on ties."""
     ae = tiny_model().ae_model.to(dtype)
     weight = ae.encoder.embed_tokens.weight
     with torch.no_grad():
@@ -501,6 +500,7 @@ def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows):
     assert bool((expected == 7).any())
     for blocks in ({}, {"vocab_block": 7, "rows_per_matmul": 5}, {"vocab_block": 40, "rows_per_matmul": 64}):
         assert torch.equal(ae.argmax_tokens(states, **blocks), expected), blocks
+    assert ae.argmax_tokens(states[:0]).shape == (0,)  # nothing to decode (a pool position with no candidate left)
 
 
 @pytest.mark.parametrize("run", [64, 5, 1])
