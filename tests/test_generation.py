@@ -500,6 +500,8 @@ def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows):
     assert bool((expected == 7).any())
     for blocks in ({}, {"vocab_block": 7, "rows_per_matmul": 5}, {"vocab_block": 40, "rows_per_matmul": 64}):
         assert torch.equal(ae.argmax_tokens(states, **blocks), expected), blocks
+    copies = 2**20 // (num_rows * weight.shape[0]) + 1  # over 2^20 logits: blocks by default, 2048 rows at a time
+    assert torch.equal(ae.argmax_tokens(states.repeat(copies, 1)), expected.repeat(copies))
     assert ae.argmax_tokens(states[:0]).shape == (0,)  # nothing to decode (a pool position with no candidate left)
 
 
