@@ -176,6 +176,11 @@ def keep_first_maximum(
     best_index[columns[improved]] = start + first_run * run + offset
 
 
+def _cpu_vocab_block(num_rows: int) -> int:
+    """`blocked_argmax`'s vocabulary block on CPU for num_rows states: about 2^24 logits, a power of two tokens."""
+    return 2 ** ((2**24 // max(1, num_rows)).bit_length() - 1)
+
+
 @torch.no_grad()
 def blocked_argmax(
     states: torch.Tensor, weight: torch.Tensor, vocab_block: int | None = None, rows_per_matmul: int = 2048
@@ -194,8 +199,8 @@ def blocked_argmax(
     num_rows, vocab_size = states.shape[0], weight.shape[0]
     if vocab_block is None and num_rows * vocab_size <= 2**20:  # few logits: one `max` costs less than the blocks
         return (weight @ states.T).max(0).indices  # max: the first maximum on ties, as argmax
-    if vocab_block is None and states.device.type == "cpu":  # about 2^24 logits per block, a power of two tokens
-        vocab_block = 2 ** ((2**24 // max(1, min(num_rows, rows_per_matmul))).bit_length() - 1)
+    if vocab_block is None and states.device.type == "cpu":
+        vocab_block = _cpu_vocab_block(min(num_rows, rows_per_matmul))
     vocab_block = min(vocab_block or vocab_size, vocab_size)
     best_value = states.new_full((num_rows,), float("-inf"))
     best_index = torch.zeros(num_rows, dtype=torch.long, device=states.device)

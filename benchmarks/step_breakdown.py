@@ -44,7 +44,7 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def projection_matmuls(states: torch.Tensor, weight: torch.Tensor, vocab_block: int = 8192) -> None:
+def projection_matmuls(states: torch.Tensor, weight: torch.Tensor, vocab_block: int) -> None:
     """The matmuls of `blocked_argmax` (its blocks, orientation and output buffer), without the running argmax."""
     states_t = states.T.contiguous()
     buffer = states.new_empty(vocab_block, states.shape[0])
@@ -69,7 +69,9 @@ def breakdown(calm, batch: int, num_samples: int, prompt_len: int, repeats: int)
     weight = ae.encoder.embed_tokens.weight
     chosen = latents[:, :1]  # [B, 1, l]
     next_chunk = calm._next_chunk  # hidden [B, d] -> tokens [B, K], the whole step after the backbone
-    blocked_argmax = sys.modules[type(calm).__module__].blocked_argmax  # from the package's modeling_calm
+    modeling = sys.modules[type(calm).__module__]  # the package's modeling_calm
+    blocked_argmax = modeling.blocked_argmax
+    vocab_block = modeling._cpu_vocab_block(len(first_states)) if device.type == "cpu" else weight.shape[0]
 
     parts = {
         "backbone step (+ cache copy)": lambda: calm.backbone(last, None, None, copy.deepcopy(cache), use_cache=True),
@@ -80,7 +82,7 @@ def breakdown(calm, batch: int, num_samples: int, prompt_len: int, repeats: int)
         "pool: first token's states": lambda: decoder.token_states(chunk_states, slice(0, 1)),
         "pool: first token's argmax": lambda: ae.argmax_tokens(first_states),
         "pool: the same, by blocked_argmax": lambda: blocked_argmax(first_states, weight),
-        "pool: the same matmuls, no argmax": lambda: projection_matmuls(first_states, weight),
+        "pool: the same matmuls, no argmax": lambda: projection_matmuls(first_states, weight, vocab_block),
         "chosen chunk: decode_tokens": lambda: ae.decode_tokens(chosen),
         "_next_chunk, T = 1": lambda: next_chunk(hidden, 1, 1.0, True, None, None),
         f"_next_chunk, T = 0.5, N = {num_samples}": lambda: next_chunk(hidden, num_samples, 0.5, True, None, None),
