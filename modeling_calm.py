@@ -187,14 +187,14 @@ def blocked_argmax(
 ) -> torch.Tensor:
     """argmax_v weight[v] . states[i] -> token ids [n] (the first maximum on ties, as `argmax`); states [n, a].
 
-    The logits are computed as `weight @ states.T` (the large weight as the matmul's first operand, which CPU
-    kernels read as it is, while they repack a second operand on every call), vocab_block x rows_per_matmul at a
-    time into one reused buffer, and reduced with a running maximum (`keep_first_maximum`). On CPU the default
-    vocab_block holds about 2^24 logits: all 128257 tokens of CALM-M for up to 128 rows (T = 1 decodes one chunk
-    per sequence), 65536 tokens for 200 rows, 8192 for 1600; large enough that the per-block calls cost little,
-    small enough to avoid an argmax over all [V, rows] logits of a pool (more costly than the matmul behind them).
-    By default up to 2^20 logits (one chunk of CALM-M, a small model) are reduced at once with `max`: the block's
-    calls cost ~0.1 ms, 3% of a T = 1 step of the shipped tiny model.
+    The logits are computed as `weight @ states.T` (the large weight as the matmul's first operand: on CPU a call
+    costs extra in proportion to its second operand, as if that were repacked every time), vocab_block x
+    rows_per_matmul at a time into one reused buffer, and reduced with a running maximum (`keep_first_maximum`). On
+    CPU the default vocab_block holds about 2^24 logits: all 128257 tokens of CALM-M for up to 128 rows (T = 1
+    decodes one chunk per sequence), 65536 tokens for 200 rows, 8192 for 1600; large enough that the per-block calls
+    cost little, small enough to avoid an argmax over all [V, rows] logits of a pool (more costly than the matmul
+    behind them). By default up to 2^20 logits (one chunk of CALM-M, a small model) are reduced at once with `max`:
+    the block's calls cost ~0.1 ms, 3% of a T = 1 step of the shipped tiny model.
     """
     num_rows, vocab_size = states.shape[0], weight.shape[0]
     if vocab_block is None and num_rows * vocab_size <= 2**20:  # few logits: one `max` costs less than the blocks
