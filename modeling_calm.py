@@ -181,6 +181,19 @@ def _cpu_vocab_block(num_rows: int) -> int:
     return 2 ** ((2**24 // max(1, num_rows)).bit_length() - 1)
 
 
+def _matmul_operand(states_t: torch.Tensor) -> torch.Tensor:
+    """states_t [a, c] as `blocked_argmax`'s second matmul operand: contiguous, and on CPU in bf16 with more than 64
+    columns padded with zeros to a multiple of 32. The bf16 matrix-unit kernels handle a last, partial group of 32
+    columns slowly: 128257 x 512 by 200 columns took 12.6 ms, by 224 columns 10.3 ms (this project's CPU, oneDNN).
+    """
+    hidden_size, columns = states_t.shape
+    if states_t.device.type != "cpu" or states_t.dtype != torch.bfloat16 or columns <= 64 or columns % 32 == 0:
+        return states_t.contiguous()
+    padded = states_t.new_zeros(hidden_size, -(-columns // 32) * 32)
+    padded[:, :columns] = states_t
+    return padded
+
+
 @torch.no_grad()
 def blocked_argmax(
     states: torch.Tensor, weight: torch.Tensor, vocab_block: int | None = None, rows_per_matmul: int = 2048
@@ -206,11 +219,11 @@ def blocked_argmax(
     best_index = torch.zeros(num_rows, dtype=torch.long, device=states.device)
     for first in range(0, num_rows, rows_per_matmul):
         columns = torch.arange(first, min(first + rows_per_matmul, num_rows), device=states.device)
-        states_t = states[first : first + rows_per_matmul].T.contiguous()  # [a, c]
-        buffer = states.new_empty(vocab_block, len(columns))  # reused: no large allocation per block
+        states_t = _matmul_operand(states[first : first + rows_per_matmul].T)  # [a, c + padding]
+        buffer = states.new_empty(vocab_block, states_t.shape[1])  # reused: no large allocation per block
         for start in range(0, vocab_size, vocab_block):
             block = weight[start : start + vocab_block]
-            logits = torch.mm(block, states_t, out=buffer[: len(block)])  # [block, c]
+            logits = torch.mm(block, states_t, out=buffer[: len(block)])[:, : len(columns)]  # [block, c]
             keep_first_maximum(best_value, best_index, columns, logits, start)
     return best_index
 
@@ -286,6 +299,29 @@ class CALMOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     brier_scores: torch.Tensor | None = None
+
+
+class FewRowLinear(nn.Linear):
+    """`nn.Linear` (same parameters and state dict) with a faster CPU path for few rows in bf16, as in generation.
+
+    CPU bf16 matmuls repack their second operand on every call, and `F.linear` makes that the weight. For up to 128
+    rows the weight goes first instead: `weight @ x.T`, a matrix-vector product for one row. At CALM-M's shapes on
+    this project's CPU that is 20-35% faster per layer (timing script). Same products, other summation order: the
+    bf16 results may differ from `F.linear` in the last bit. Every `nn.Linear` of a CALM model is one of these
+    (`CALMPreTrainedModel.post_init`), the Llama backbone's included.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or self.weight.dtype != x.dtype or rows > 128:
+            return super().forward(x)
+        flat = x.reshape(rows, x.shape[-1])  # [n, in]
+        if rows == 1:
+            out = torch.mv(self.weight, flat[0]) if self.bias is None else torch.addmv(self.bias, self.weight, flat[0])
+            return out.reshape(*x.shape[:-1], self.out_features)
+        out = self.weight @ flat.T if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat.T)
+        # Contiguous, as F.linear's: later matmuls on a transposed view can copy their weight per batch entry.
+        return out.T.contiguous().reshape(*x.shape[:-1], self.out_features)  # [*, out]
 
 
 class AELayer(nn.Module):
@@ -467,6 +503,12 @@ class CALMPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
     # The energy loss is a mean over positions; Trainer must not rescale it by token counts.
     accepts_loss_kwargs = False
+
+    def post_init(self) -> None:
+        for module in self.modules():  # the backbone's and the autoencoder's Llama layers too
+            if type(module) is nn.Linear:
+                module.__class__ = FewRowLinear
+        super().post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -26,7 +26,7 @@ def test_benchmark_script_runs(tmp_path):
             "1",
             "2",
             "--num-samples",
-            "16",
+            "24",  # more than ShortlistArgmax's min_states: the shortlist is tried
             "--max-new-tokens",
             "8",
             "--repeats",

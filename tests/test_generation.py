@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from calm_transformers.generation_calm import ShortlistArgmax, align_prompts, temperature_sampling
+from calm_transformers.generation_calm import ShortlistArgmax, align_prompts, plain_argmax, temperature_sampling
 from conftest import tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -614,6 +614,21 @@ def test_shortlist_argmax_backs_off_when_it_does_not_pay():
     assert decode.requested == requested and decode.skip == 0
     decode(agreeing, active)
     assert decode.requested == requested + active.numel()
+
+
+def test_shortlist_argmax_projects_few_states_in_full():
+    """At most min_states active states: projected in full without a probe (as costly as projecting them), same
+    tokens; more: the shortlist is tried."""
+    ae, _, agreeing = _pool_states(True)
+    decode = ShortlistArgmax(ae, shortlist_size=16, min_states=20)
+    few = torch.zeros(agreeing.shape[:2], dtype=torch.bool)
+    few[0, :12], few[2, :8] = True, True  # 20 states
+    expected = plain_argmax(agreeing, few, ae.argmax_tokens)
+    assert torch.equal(decode(agreeing, few), expected)
+    assert decode.requested == decode.certified == 0 and decode.skip == 0
+    few[1, 0] = True  # 21 states
+    assert torch.equal(decode(agreeing, few), plain_argmax(agreeing, few, ae.argmax_tokens))
+    assert decode.requested == decode.certified == 21
 
 
 @pytest.mark.parametrize("temperature,do_sample", [(0.5, True), (1 / 3, True), (0.4, True), (0.5, False)])

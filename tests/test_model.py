@@ -142,6 +142,55 @@ def test_head_samples_share_the_hidden_state_projection(dtype):
         head.sample(hidden, noise[:, :4], num_samples=5)
 
 
+def test_every_linear_is_a_few_row_linear():
+    """Every nn.Linear of a CALM model, the Llama backbone's and the autoencoder's included, takes FewRowLinear's
+    path (same parameters, same state dict keys as nn.Linear modules)."""
+    from calm_transformers.modeling_calm import FewRowLinear
+
+    model = tiny_model()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is FewRowLinear for m in linears)
+    assert type(model.transformer.layers[0].mlp.gate_proj) is FewRowLinear
+    assert type(CALMAutoencoder(tiny_config().autoencoder_config).decoder.expand_layer) is FewRowLinear
+    assert "transformer.layers.0.self_attn.q_proj.weight" in model.state_dict()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 48), (2, 1, 48), (3, 5, 48), (128, 48), (129, 48), (0, 48)])
+def test_few_row_linear_matches_f_linear(bias, shape):
+    """bf16 on CPU with up to 128 rows: weight-first products (one summation order away from F.linear, so within
+    bf16 rounding), a contiguous result, and gradients; other cases are F.linear's own."""
+    from calm_transformers.modeling_calm import FewRowLinear
+
+    torch.manual_seed(0)
+    layer = FewRowLinear(48, 80, bias=bias).bfloat16()
+    x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=0.02, rtol=0.02)
+    if x.numel() // 48 > 128:
+        assert torch.equal(out, expected)
+    if x.numel():
+        (grad,) = torch.autograd.grad(out.float().square().sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.float().square().sum(), x)
+        torch.testing.assert_close(grad, expected_grad, atol=0.05, rtol=0.05)
+    layer32, x32 = layer.float(), x.detach().float()
+    assert torch.equal(layer32(x32), torch.nn.functional.linear(x32, layer32.weight, layer32.bias))
+
+
+def test_matmul_operand_pads_bf16_pools_on_cpu():
+    """blocked_argmax's second operand: zero columns up to a multiple of 32 for more than 64 bf16 states on CPU."""
+    from calm_transformers.modeling_calm import _matmul_operand
+
+    for columns, padded in ((3, 3), (64, 64), (65, 96), (200, 224), (224, 224), (1624, 1632)):
+        states_t = torch.randn(columns, 16, dtype=torch.bfloat16).T  # [a, c], a transposed view as in the caller
+        operand = _matmul_operand(states_t)
+        assert operand.shape == (16, padded) and operand.is_contiguous()
+        assert torch.equal(operand[:, :columns], states_t) and not bool(operand[:, columns:].any())
+    assert _matmul_operand(torch.randn(200, 16).T).shape == (16, 200)  # float32: its kernels gain nothing
+
+
 def test_labels_minus_100_skip_chunks():
     model = tiny_model(patch_size=4)
     ids = torch.randint(0, 90, (1, 16))
