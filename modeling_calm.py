@@ -305,20 +305,23 @@ class FewRowLinear(nn.Linear):
     """`nn.Linear` (same parameters and state dict) with a faster CPU path for few rows in bf16, as in generation.
 
     CPU bf16 matmuls repack their second operand on every call, and `F.linear` makes that the weight. For up to 128
-    rows the weight goes first instead: `weight @ x.T`, a matrix-vector product for one row. At CALM-M's shapes on
-    this project's CPU that is 20-35% faster per layer (timing script). Same products, other summation order: the
-    bf16 results may differ from `F.linear` in the last bit. Every `nn.Linear` of a CALM model is one of these
-    (`CALMPreTrainedModel.post_init`), the Llama backbone's included.
+    rows and a weight of at least 2^20 elements the weight goes first instead: `weight @ x.T`, a matrix-vector
+    product for one row. At CALM-M's shapes on this project's CPU that is 20-35% faster per layer when the weights
+    come from memory, as in a generation step (timing script); smaller weights stay in cache, where `F.linear` is
+    faster. Same products, other summation order: the bf16 results may differ from `F.linear` in the last bit.
+    Every `nn.Linear` of a CALM model is one of these (`CALMPreTrainedModel.post_init`), the Llama backbone's too.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(1, x.shape[-1])
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or self.weight.dtype != x.dtype or rows > 128:
-            return super().forward(x)
-        flat = x.reshape(rows, x.shape[-1])  # [n, in]
+        rows = x.numel() // max(1, self.in_features)
+        small = self.weight.numel() < 2**20  # stays in cache (2 MiB of bf16 is a core's L2 here): F.linear is faster
+        if small or rows > 128 or not x.is_cpu or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
+            return F.linear(x, self.weight, self.bias)
         if rows == 1:
-            out = torch.mv(self.weight, flat[0]) if self.bias is None else torch.addmv(self.bias, self.weight, flat[0])
-            return out.reshape(*x.shape[:-1], self.out_features)
+            vector = x.reshape(-1)
+            out = torch.mv(self.weight, vector) if self.bias is None else torch.addmv(self.bias, self.weight, vector)
+            return out.view(*x.shape[:-1], self.out_features)
+        flat = x.reshape(rows, self.in_features)  # [n, in]
         out = self.weight @ flat.T if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat.T)
         # Contiguous, as F.linear's: later matmuls on a transposed view can copy their weight per batch entry.
         return out.T.contiguous().reshape(*x.shape[:-1], self.out_features)  # [*, out]

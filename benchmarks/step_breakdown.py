@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -44,10 +45,10 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def projection_matmuls(states: torch.Tensor, weight: torch.Tensor, vocab_block: int) -> None:
-    """The matmuls of `blocked_argmax` (its blocks, orientation and output buffer), without the running argmax."""
-    states_t = states.T.contiguous()
-    buffer = states.new_empty(vocab_block, states.shape[0])
+def projection_matmuls(states: torch.Tensor, weight: torch.Tensor, vocab_block: int, modeling: ModuleType) -> None:
+    """The matmuls of `blocked_argmax` (its blocks, orientation, padding and output buffer), without the argmax."""
+    states_t = modeling._matmul_operand(states.T)
+    buffer = states.new_empty(vocab_block, states_t.shape[1])
     for block in weight.split(vocab_block):
         torch.mm(block, states_t, out=buffer[: len(block)])
 
@@ -82,7 +83,7 @@ def breakdown(calm, batch: int, num_samples: int, prompt_len: int, repeats: int)
         "pool: first token's states": lambda: decoder.token_states(chunk_states, slice(0, 1)),
         "pool: first token's argmax": lambda: ae.argmax_tokens(first_states),
         "pool: the same, by blocked_argmax": lambda: blocked_argmax(first_states, weight),
-        "pool: the same matmuls, no argmax": lambda: projection_matmuls(first_states, weight, vocab_block),
+        "pool: the same matmuls, no argmax": lambda: projection_matmuls(first_states, weight, vocab_block, modeling),
         "chosen chunk: decode_tokens": lambda: ae.decode_tokens(chosen),
         "_next_chunk, T = 1": lambda: next_chunk(hidden, 1, 1.0, True, None, None),
         f"_next_chunk, T = 0.5, N = {num_samples}": lambda: next_chunk(hidden, num_samples, 0.5, True, None, None),

@@ -156,25 +156,35 @@ def test_every_linear_is_a_few_row_linear():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 48), (2, 1, 48), (3, 5, 48), (128, 48), (129, 48), (0, 48)])
-def test_few_row_linear_matches_f_linear(bias, shape):
-    """bf16 on CPU with up to 128 rows: weight-first products (one summation order away from F.linear, so within
-    bf16 rounding), a contiguous result, and gradients; other cases are F.linear's own."""
+@pytest.mark.parametrize("shape", [(1, 1024), (2, 1, 1024), (3, 5, 1024), (128, 1024), (129, 1024), (0, 1024)])
+def test_few_row_linear_matches_f_linear(bias, shape, monkeypatch):
+    """bf16 on CPU, up to 128 rows, a weight of 2^20 elements: weight-first products (one summation order away from
+    F.linear, so within bf16 rounding), a contiguous result, and gradients; other cases are F.linear's own."""
     from calm_transformers.modeling_calm import FewRowLinear
 
     torch.manual_seed(0)
-    layer = FewRowLinear(48, 80, bias=bias).bfloat16()
+    layer = FewRowLinear(1024, 1024, bias=bias).bfloat16()
+    small = FewRowLinear(1024, 1023, bias=bias).bfloat16()  # under 2^20 elements
     x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
-    out = layer(x)
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    expected_small = torch.nn.functional.linear(x, small.weight, small.bias)
+    rows = x.numel() // 1024
+    if rows <= 128:  # the weight-first path must not fall back to F.linear
+        linear = torch.nn.functional.linear
+        monkeypatch.setattr(
+            torch.nn.functional, "linear", lambda x, w, b=None: linear(x, w, b) if w is small.weight else 1 / 0
+        )
+    out = layer(x)
     assert out.shape == expected.shape and out.is_contiguous()
     torch.testing.assert_close(out, expected, atol=0.02, rtol=0.02)
-    if x.numel() // 48 > 128:
+    if rows > 128:
         assert torch.equal(out, expected)
+    assert torch.equal(small(x), expected_small)
     if x.numel():
         (grad,) = torch.autograd.grad(out.float().square().sum(), x)
         (expected_grad,) = torch.autograd.grad(expected.float().square().sum(), x)
         torch.testing.assert_close(grad, expected_grad, atol=0.05, rtol=0.05)
+    monkeypatch.undo()
     layer32, x32 = layer.float(), x.detach().float()
     assert torch.equal(layer32(x32), torch.nn.functional.linear(x32, layer32.weight, layer32.bias))
 
