@@ -22,9 +22,13 @@ CALM_GENERATION_DEFAULTS = {
     "num_samples": 200,
     "prompt_alignment": "left",
     "shortlist_size": 64,
+    "temperature_sampler": "pool",
 }
-_CALM_ONLY = ("num_samples", "prompt_alignment", "shortlist_size")  # not transformers' own settings
+_CALM_ONLY = ("num_samples", "prompt_alignment", "shortlist_size", "temperature_sampler")  # not transformers' own
 PROMPT_ALIGNMENTS = ("left", "reference")
+TEMPERATURE_SAMPLERS = ("pool", "exact")
+# Chunks the exact sampler may draw for one position before it gives up (its cost has no bound).
+EXACT_SAMPLER_MAX_DRAWS = 20_000
 # Settings of transformers' generate that would change what is returned but that CALM's sampler cannot honour.
 # (Token-logit settings such as top_k or top_p have no meaning without token logits and are ignored.)
 _UNSUPPORTED = ("num_beams", "num_return_sequences")
@@ -91,6 +95,62 @@ def sample_from_pool(
     choice = torch.searchsorted(cumulative, (uniform.to(cumulative) * cumulative[:, -1]).unsqueeze(-1), right=True)
     last_eligible = torch.where(eligible, arange, -1).amax(-1, keepdim=True)  # where rounding runs past the end
     return torch.minimum(choice, last_eligible).squeeze(-1)
+
+
+def exact_temperature_sampling(
+    draw: Callable[[int], torch.Tensor],
+    temperature: float,
+    generator: torch.Generator | None = None,
+    draws_per_call: int = 64,
+    max_draws: int = EXACT_SAMPLER_MAX_DRAWS,
+) -> torch.Tensor:
+    """The paper's Algorithm 1 for one row: a chunk x with probability exactly P(x)^(1/T) / Z, for any T in (0, 1].
+
+    draw(m) -> [m, K], m independent chunks of the model (called for `draws_per_call` at a time; unused draws are
+    dropped, which leaves the rest independent). With 1/T = n + alpha, n = floor(1/T): stage 1 draws n chunks
+    until all n are the same chunk x* (probability ~ P(x*)^n); for alpha = 0 that is the result. Stage 2, a
+    Bernoulli factory that accepts x* with probability P(x*)^alpha: i = 1; draw x; if x = x*, accept; otherwise with
+    probability alpha / i start again at stage 1, else i = i + 1 and draw again. Unbiased for any T, but a stage-1
+    attempt succeeds with probability sum_x P(x)^n: flat distributions and small T need many draws. More than
+    `max_draws` raise a RuntimeError. Returns the chunk [K].
+    """
+    if not 0.0 < temperature <= 1.0:
+        raise ValueError(f"temperature must be in (0, 1] for CALM, got {temperature}.")
+    r = 1.0 / temperature
+    n = round(r) if abs(r - round(r)) < 1e-6 else int(r)
+    alpha = r - n if r - n > 1e-6 else 0.0
+    pending: list[tuple[int, ...]] = []  # drawn chunks not used yet, the next one last
+    drawn, device = 0, None
+
+    def next_chunk() -> tuple[int, ...]:
+        nonlocal drawn, device
+        if not pending:
+            if drawn >= max_draws:
+                raise RuntimeError(
+                    f"exact temperature sampling drew {drawn} chunks for one position without accepting one "
+                    f"(T = {temperature:g}: an attempt succeeds with probability sum_x P(x)^{n}, tiny for a flat "
+                    "distribution). Use temperature_sampler='pool' (the batch algorithm), or a larger temperature."
+                )
+            chunks = draw(draws_per_call)  # [m, K]
+            device = chunks.device
+            pending.extend(map(tuple, reversed(chunks.tolist())))
+            drawn += len(chunks)
+        return pending.pop()
+
+    def factory_accepts(x_star: tuple[int, ...]) -> bool:
+        """Stage 2: True with probability P(x*)^alpha."""
+        i = 1
+        while next_chunk() != x_star:
+            if float(torch.rand((), generator=generator, dtype=torch.float64)) < alpha / i:
+                return False
+            i += 1
+        return True
+
+    while True:
+        x_star = next_chunk()
+        # Stage 1 fails at the first of the other n - 1 draws that differs (`all` stops there).
+        if all(next_chunk() == x_star for _ in range(n - 1)) and (alpha == 0.0 or factory_accepts(x_star)):
+            return torch.tensor(x_star, device=device)
 
 
 ArgmaxRows = Callable[..., torch.Tensor]  # (states [B, M, a], active [B, M], optional=None) -> tokens [B, M]
@@ -360,6 +420,11 @@ class CALMGenerationMixin(GenerationMixin):
                 "num_samples (the candidate pool per step) must be a positive integer, "
                 f"got {generation_config.num_samples!r}."
             )
+        if generation_config.temperature_sampler not in TEMPERATURE_SAMPLERS:
+            raise ValueError(
+                f"temperature_sampler must be 'pool' (the authors' batch algorithm over num_samples candidates) or "
+                f"'exact' (the paper's Algorithm 1), got {generation_config.temperature_sampler!r}."
+            )
         shortlist_size = generation_config.shortlist_size
         if not isinstance(shortlist_size, int) or shortlist_size < 0 or shortlist_size == 1:
             raise ValueError(
@@ -391,8 +456,10 @@ class CALMGenerationMixin(GenerationMixin):
         Takes the usual arguments (`input_ids`/`inputs`, `attention_mask`, `generation_config`, `max_new_tokens`,
         `max_length`, `min_new_tokens`, `eos_token_id`, `stopping_criteria`, `max_time`, `streamer`,
         `return_dict_in_generate`) and CALM's own: `temperature` in (0, 1], `num_samples` (candidate pool for
-        T < 1 or do_sample=False), `prompt_alignment` ("left" or "reference"). `generator` seeds the draws;
-        `noise_sampler(shape, device, dtype)` replaces the head's uniform noise in [-0.5, 0.5) (for replaying draws).
+        T < 1 or do_sample=False), `prompt_alignment` ("left" or "reference"), `shortlist_size`,
+        `temperature_sampler` ("pool": the authors' batch algorithm; "exact": the paper's Algorithm 1, drawing
+        `num_samples` chunks per model call). `generator` seeds the draws; `noise_sampler(shape, device, dtype)`
+        replaces the head's uniform noise in [-0.5, 0.5) (for replaying draws).
         """
         for name, value in (
             ("logits_processor", logits_processor),
@@ -445,8 +512,9 @@ class CALMGenerationMixin(GenerationMixin):
         temperature = 1.0 if generation_config.temperature is None else float(generation_config.temperature)
         do_sample = bool(generation_config.do_sample)
         pool_size = 1 if (do_sample and temperature == 1.0) else generation_config.num_samples
+        exact = do_sample and temperature < 1.0 and generation_config.temperature_sampler == "exact"
         pool_argmax = None  # _next_chunk's default: plain_argmax
-        if pool_size > 1 and generation_config.shortlist_size:
+        if pool_size > 1 and generation_config.shortlist_size and not exact:
             pool_argmax = ShortlistArgmax(self.ae_model, generation_config.shortlist_size)
 
         ids, token_mask = align_prompts(input_ids, attention_mask, k, pad_token_id, generation_config.prompt_alignment)
@@ -474,9 +542,12 @@ class CALMGenerationMixin(GenerationMixin):
         unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
         while new_tokens.shape[1] < max_new_tokens:
             hidden, cache, _ = self.backbone(chunk_embeds, chunk_mask, position_ids, cache, use_cache=True)
-            chunk = self._next_chunk(
-                hidden[:, -1], pool_size, temperature, do_sample, generator, noise_sampler, pool_argmax
-            )
+            if exact:
+                chunk = self._exact_chunk(hidden[:, -1], temperature, pool_size, generator, noise_sampler)
+            else:
+                chunk = self._next_chunk(
+                    hidden[:, -1], pool_size, temperature, do_sample, generator, noise_sampler, pool_argmax
+                )
             chunk = chunk[:, : max_new_tokens - new_tokens.shape[1]]  # [B, <=K]
 
             # Rows that stopped produce padding; a row stops at its first EOS, even inside a chunk.
@@ -551,6 +622,31 @@ class CALMGenerationMixin(GenerationMixin):
             )
         return self.ae_model.decode_tokens(latents)  # [B, 1, l] -> [B, K]
 
+    def _exact_chunk(
+        self,
+        hidden: torch.Tensor,
+        temperature: float,
+        draws_per_call: int,
+        generator: torch.Generator | None,
+        noise_sampler: NoiseSampler | None,
+    ) -> torch.Tensor:
+        """hidden [B, d] -> the next chunk's token ids [B, K] by `exact_temperature_sampling`, row by row."""
+
+        def draws_for(row: int) -> Callable[[int], torch.Tensor]:
+            def draw(m: int) -> torch.Tensor:  # m chunks of this row: [m, K]
+                noise = None
+                if noise_sampler is not None:
+                    noise = noise_sampler((1, m, self.config.noise_size), hidden.device, hidden.dtype)
+                latents = self.generative_head.sample(hidden[row : row + 1], noise, generator, num_samples=m)
+                return self.ae_model.decode_tokens(latents.transpose(0, 1))  # [m, 1, l] -> [m, K]
+
+            return draw
+
+        rows = range(hidden.shape[0])
+        return torch.stack(
+            [exact_temperature_sampling(draws_for(row), temperature, generator, draws_per_call) for row in rows]
+        )
+
 
 __all__ = [
     "CALM_GENERATION_DEFAULTS",
@@ -559,6 +655,7 @@ __all__ = [
     "ShortlistArgmax",
     "certified_argmax",
     "complete_chunks",
+    "exact_temperature_sampling",
     "identical_chunks",
     "plain_argmax",
     "sample_from_pool",

@@ -242,12 +242,64 @@ def test_saved_generation_config_has_calm_defaults(tmp_path, model):
         (dict(prompt_alignment="middle"), "prompt_alignment"),
         (dict(shortlist_size=1), "shortlist_size must be 0"),
         (dict(shortlist_size=-3), "shortlist_size must be 0"),
+        (dict(temperature_sampler="approximate"), "temperature_sampler must be 'pool'"),
         (dict(foo=1), "foo"),
     ],
 )
 def test_bad_settings(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.4, 0.7, 1 / 3])
+def test_exact_temperature_sampling_draws_from_the_power_distribution(temperature):
+    """Algorithm 1 against a black-box sampler with known P: the chunks follow P^(1/T) / Z (for non-reciprocal T
+    too, where stage 2 matters), not P or the stage-1 power alone."""
+    from calm_transformers.generation_calm import exact_temperature_sampling
+
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    chunks = torch.tensor([[1, 1, 1], [1, 2, 1], [2, 1, 1], [1, 1, 2]])
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(m):
+        return chunks[torch.multinomial(p, m, replacement=True, generator=generator)]
+
+    picked = torch.stack(
+        [exact_temperature_sampling(draw, temperature, generator, draws_per_call=16) for _ in range(6000)]
+    )
+    empirical = (picked.unsqueeze(1) == chunks).all(-1).float().mean(0)  # [4]
+    target = p ** (1 / temperature) / (p ** (1 / temperature)).sum()
+    stage_one = p ** int(1 / temperature + 1e-6) / (p ** int(1 / temperature + 1e-6)).sum()
+    assert (empirical - target).abs().sum() / 2 < 0.025
+    assert (empirical - p).abs().sum() / 2 > 0.07
+    if temperature in (0.4, 0.7):  # 1/T not an integer: stage 1 alone would draw from P^n
+        assert (empirical - stage_one).abs().sum() / 2 > 0.04
+
+
+def test_exact_temperature_sampling_gives_up_with_a_clear_error():
+    from calm_transformers.generation_calm import exact_temperature_sampling
+
+    def draw(m):  # a flat distribution over 10^6 chunks: two equal draws are rare
+        return torch.randint(0, 10**6, (m, 1))
+
+    with pytest.raises(RuntimeError, match=r"drew 256 chunks .* temperature_sampler='pool'"):
+        exact_temperature_sampling(draw, 0.5, draws_per_call=64, max_draws=256)
+
+
+def test_generate_with_the_exact_sampler():
+    """temperature_sampler='exact' in generate: a head that ignores its noise puts all of P on one chunk per row
+    (its hidden state's), so the exact and the pool sampler return the same chunks, row by row; seeded runs repeat."""
+    model = tiny_model(vocab_size=500)
+    with torch.no_grad():
+        model.generative_head.noise_embd.weight.zero_()
+    prompt = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    settings = dict(max_new_tokens=12, temperature=0.4, num_samples=16, eos_token_id=None)
+    exact = model.generate(prompt, temperature_sampler="exact", generator=torch.Generator().manual_seed(3), **settings)
+    pool = model.generate(prompt, generator=torch.Generator().manual_seed(3), **settings)
+    assert exact.shape == (2, 5 + 12) and not torch.equal(exact[0, 5:], exact[1, 5:])
+    assert torch.equal(exact, pool)
+    again = model.generate(prompt, temperature_sampler="exact", generator=torch.Generator().manual_seed(3), **settings)
+    assert torch.equal(again, exact)
 
 
 def test_bad_inputs(model):
