@@ -317,6 +317,8 @@ class FewRowLinear(nn.Linear):
         small = self.weight.numel() < 2**20  # stays in cache (2 MiB of bf16 is a core's L2 here): F.linear is faster
         if small or rows > 128 or not x.is_cpu or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
             return F.linear(x, self.weight, self.bias)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            return F.linear(x, self.weight, self.bias)  # its error message names the shapes
         if rows == 1:
             vector = x.reshape(-1)
             out = torch.mv(self.weight, vector) if self.bias is None else torch.addmv(self.bias, self.weight, vector)

@@ -189,6 +189,16 @@ def test_few_row_linear_matches_f_linear(bias, shape, monkeypatch):
     assert torch.equal(layer32(x32), torch.nn.functional.linear(x32, layer32.weight, layer32.bias))
 
 
+def test_few_row_linear_rejects_wrong_shapes_as_nn_linear_does():
+    from calm_transformers.modeling_calm import FewRowLinear
+
+    layer = FewRowLinear(1024, 1024).bfloat16()
+    for shape in ((1, 2048), (1, 512), (3, 1000), ()):
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied|at least 1D"):
+            layer(torch.randn(shape, dtype=torch.bfloat16))
+    assert layer(torch.randn(1024, dtype=torch.bfloat16)).shape == (1024,)
+
+
 def test_matmul_operand_pads_bf16_pools_on_cpu():
     """blocked_argmax's second operand: zero columns up to a multiple of 32 for more than 64 bf16 states on CPU."""
     from calm_transformers.modeling_calm import _matmul_operand
