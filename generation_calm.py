@@ -141,7 +141,7 @@ def exact_temperature_sampling(
         """Stage 2: True with probability P(x*)^alpha."""
         i = 1
         while next_chunk() != x_star:
-            if float(torch.rand((), generator=generator, dtype=torch.float64)) < alpha / i:
+            if float(torch.rand((), generator=generator, device=device, dtype=torch.float64)) < alpha / i:
                 return False
             i += 1
         return True
@@ -318,9 +318,10 @@ class ShortlistArgmax:
 
     Whether candidates agree depends on the model and the context. After a call that certified fewer than a
     quarter of its candidates, the next `backoff` calls project in full; the tokens are the same either way.
-    A call with at most `min_states` active states projects them in full: the certificate needs one full projection
-    (the probe's), and a projection of a few states costs about that of one (the read of the V x a weight dominates:
-    CALM-M in bf16 on this project's CPU, 5.7 ms for 1 state, 3.5 ms for 2 to 16, in timing scripts).
+    A call with at most `min_states` active states (it counts towards the `backoff` calls) projects them in full:
+    the certificate needs one full projection (the probe's), and a projection of a few states costs about that of
+    one (the read of the V x a weight dominates: CALM-M in bf16 on this project's CPU, 5.7 ms for 1 state, 3.5 ms
+    for 2 to 16, in timing scripts).
     `certified` and `requested` count candidates over the object's life (for benchmarks).
     """
 
@@ -340,10 +341,8 @@ class ShortlistArgmax:
     def __call__(
         self, states: torch.Tensor, active: torch.Tensor, optional: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if int(active.sum()) <= self.min_states:
-            return plain_argmax(states, active, self.argmax_tokens, optional)
-        if self.skip:
-            self.skip -= 1
+        if self.skip or int(active.sum()) <= self.min_states:
+            self.skip = max(self.skip - 1, 0)
             return plain_argmax(states, active, self.argmax_tokens, optional)
         self.uncertified = 0
         max_row_norm = self.autoencoder.max_row_norm()

@@ -314,11 +314,16 @@ class FewRowLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, self.in_features)
-        small = self.weight.numel() < 2**20  # stays in cache (2 MiB of bf16 is a core's L2 here): F.linear is faster
-        if small or rows > 128 or not x.is_cpu or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
+        weight_first = (
+            rows <= 128
+            and self.weight.numel() >= 2**20  # smaller weights stay in cache (2 MiB of bf16: a core's L2 here)
+            and x.is_cpu
+            and x.dtype == self.weight.dtype == torch.bfloat16
+            and x.dim() > 0
+            and x.shape[-1] == self.in_features  # otherwise F.linear's error names the shapes
+        )
+        if not weight_first:
             return F.linear(x, self.weight, self.bias)
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            return F.linear(x, self.weight, self.bias)  # its error message names the shapes
         if rows == 1:
             vector = x.reshape(-1)
             out = torch.mv(self.weight, vector) if self.bias is None else torch.addmv(self.bias, self.weight, vector)
