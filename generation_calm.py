@@ -37,6 +37,14 @@ _IGNORED_MODEL_KWARGS = ("use_cache", "output_attentions", "output_hidden_states
 NoiseSampler = Callable[[tuple, torch.device, torch.dtype], torch.Tensor]
 
 
+def _inverse_temperature(temperature: float) -> float:
+    """1/T for T in (0, 1], snapped to the integer n when T is 1/n up to rounding (T = 1/3 is 3, not 2.9999...)."""
+    if not 0.0 < temperature <= 1.0:
+        raise ValueError(f"temperature must be in (0, 1] for CALM, got {temperature}.")
+    r = 1.0 / temperature
+    return float(round(r)) if abs(r - round(r)) < 1e-6 else r
+
+
 def temperature_sampling(
     candidates: torch.Tensor,
     temperature: float,
@@ -70,8 +78,7 @@ def sample_from_pool(
     The draw inverts the weights' cumulative sum at `uniform` [B] in [0, 1) (drawn from `generator` when None):
     a caller that draws it first knows which candidate a given `same` would pick before decoding the pool.
     """
-    if not 0.0 < temperature <= 1.0:
-        raise ValueError(f"temperature must be in (0, 1] for CALM, got {temperature}.")
+    r = _inverse_temperature(temperature)
     counts = same.sum(-1)  # [B, N]: copies of each candidate's chunk in the pool
     if not do_sample:
         return counts.argmax(-1)  # argmax returns the first maximum: the first-seen of the most frequent chunks
@@ -79,9 +86,6 @@ def sample_from_pool(
     arange = torch.arange(num_candidates, device=same.device)
     first_seen = same.to(torch.uint8).argmax(-1) == arange  # [B, N]: one representative per unique chunk
 
-    r = 1.0 / temperature
-    if abs(r - round(r)) < 1e-6:
-        r = float(round(r))
     counts64 = counts.to(torch.float64)
     # Largest exponent r - j (j >= 0 integer) that at least one chunk's count reaches.
     max_count = counts64.max(-1, keepdim=True).values  # [B, 1]
@@ -114,11 +118,9 @@ def exact_temperature_sampling(
     attempt succeeds with probability sum_x P(x)^n: flat distributions and small T need many draws. More than
     `max_draws` raise a RuntimeError. Returns the chunk [K].
     """
-    if not 0.0 < temperature <= 1.0:
-        raise ValueError(f"temperature must be in (0, 1] for CALM, got {temperature}.")
-    r = 1.0 / temperature
-    n = round(r) if abs(r - round(r)) < 1e-6 else int(r)
-    alpha = r - n if r - n > 1e-6 else 0.0
+    r = _inverse_temperature(temperature)
+    n = int(r)
+    alpha = r - n
     pending: list[tuple[int, ...]] = []  # drawn chunks not used yet, the next one last
     drawn, device = 0, None
 
