@@ -284,7 +284,9 @@ def certified_argmax(
         return tokens
     states, active = states[rows].float(), active[rows]  # fp32: the certificate's own arithmetic is exact enough
     probe = states[torch.arange(rows.numel()), active.to(torch.uint8).argmax(-1)]  # [R, a]
-    probe_logits = (weight @ probe.to(weight.dtype).T).T.float()  # [R, V]; weight as the streamed operand
+    from .modeling_calm import vocab_logits  # modeling_calm imports this module
+
+    probe_logits = vocab_logits(weight, probe.to(weight.dtype)).T.float()  # [R, V]; weight as the streamed operand
     size = min(shortlist_size, weight.shape[0])
     top = probe_logits.topk(min(size + 1, weight.shape[0]), dim=-1)
     shortlist = top.indices[:, :size].sort(-1).values  # [R, s], by token id: ties go to the lower id
@@ -319,11 +321,13 @@ class ShortlistArgmax:
     """`argmax_rows` for `identical_chunks`: `certified_argmax` while it pays off, `plain_argmax` otherwise.
 
     Whether candidates agree depends on the model and the context. After a call that certified fewer than a
-    quarter of its candidates, the next `backoff` calls project in full; the tokens are the same either way.
+    quarter of its candidates, the next `backoff` calls project in full, twice as many after each further such call
+    in a row (up to 32 x backoff: diverse pools, e.g. random weights, then pay for a probe every few hundred calls);
+    a call that certifies more resets it. The tokens are the same either way.
     A call with at most `min_states` active states (it counts towards the `backoff` calls) projects them in full:
     the certificate needs one full projection (the probe's), and a projection of a few states costs about that of
-    one (the read of the V x a weight dominates: CALM-M in bf16 on this project's CPU, 5.7 ms for 1 state, 3.5 ms
-    for 2 to 16, in timing scripts).
+    one (the read of the V x a weight dominates: CALM-M in bf16 on this project's CPU, weight read from memory,
+    6.9 ms for 1 state, 7.0 to 8.7 ms for 2 to 16, in a timing script).
     `certified` and `requested` count candidates over the object's life (for benchmarks).
     """
 
@@ -334,7 +338,7 @@ class ShortlistArgmax:
         self.weight = autoencoder.encoder.embed_tokens.weight  # [V, a]
         self.argmax_tokens = autoencoder.argmax_tokens
         self.shortlist_size, self.backoff, self.min_states = shortlist_size, backoff, min_states
-        self.skip = self.certified = self.requested = self.uncertified = 0
+        self.skip = self.failures = self.certified = self.requested = self.uncertified = 0
 
     def _counting_argmax(self, states: torch.Tensor) -> torch.Tensor:
         self.uncertified += states.shape[0]
@@ -357,7 +361,10 @@ class ShortlistArgmax:
         self.requested += requested
         self.certified += requested - self.uncertified
         if requested - self.uncertified < requested / 4:
-            self.skip = self.backoff
+            self.failures += 1
+            self.skip = self.backoff * 2 ** min(self.failures - 1, 5)
+        else:
+            self.failures = 0
         return tokens
 
 

@@ -194,6 +194,14 @@ def _matmul_operand(states_t: torch.Tensor) -> torch.Tensor:
     return padded
 
 
+def vocab_logits(weight: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """weight [V, a], states [n, a] -> logits `weight @ states.T` [V, n], one state by `torch.mv` (a bf16 one-column
+    matmul is slow on CPU: 9.8 vs 6.5 ms for CALM-M's 128257 x 512 projection here, with the same logits)."""
+    if states.shape[0] == 1:
+        return torch.mv(weight, states[0]).unsqueeze(1)
+    return weight @ states.T
+
+
 @torch.no_grad()
 def blocked_argmax(
     states: torch.Tensor, weight: torch.Tensor, vocab_block: int | None = None, rows_per_matmul: int = 2048
@@ -211,7 +219,7 @@ def blocked_argmax(
     """
     num_rows, vocab_size = states.shape[0], weight.shape[0]
     if vocab_block is None and num_rows * vocab_size <= 2**20:  # few logits: one `max` costs less than the blocks
-        return (weight @ states.T).max(0).indices  # max: the first maximum on ties, as argmax
+        return vocab_logits(weight, states).max(0).indices  # max: the first maximum on ties, as argmax
     if vocab_block is None and states.device.type == "cpu":
         vocab_block = _cpu_vocab_block(min(num_rows, rows_per_matmul))
     vocab_block = min(vocab_block or vocab_size, vocab_size)

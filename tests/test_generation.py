@@ -557,6 +557,31 @@ def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows):
     assert ae.argmax_tokens(states[:0]).shape == (0,)  # nothing to decode (a pool position with no candidate left)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_state_is_projected_by_mv(dtype, monkeypatch):
+    """One state: `torch.mv` (a one-column matmul is slow on CPU in bf16), the logits and argmax of the batched
+    product, the first maximum on ties; the certificate's probe goes the same way."""
+    from calm_transformers.generation_calm import certified_argmax
+    from calm_transformers.modeling_calm import vocab_logits
+
+    ae = tiny_model().ae_model.to(dtype)
+    weight = ae.encoder.embed_tokens.weight
+    with torch.no_grad():
+        weight[40] = weight[7]  # ties with token 7: 7 must win
+    states = weight[7] + 0.01 * torch.randn(3, weight.shape[1], dtype=dtype)  # argmax 7
+    calls = []
+    mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *args: calls.append(args[0].shape) or mv(*args))
+    batched = weight @ states.T  # [V, 3]
+    torch.testing.assert_close(vocab_logits(weight, states[1:2]), batched[:, 1:2])
+    assert calls == [weight.shape] and vocab_logits(weight, states).shape == batched.shape and len(calls) == 1
+    assert ae.argmax_tokens(states[:1]).tolist() == [7] and len(calls) == 2
+    norm = torch.linalg.vector_norm(weight.float(), dim=-1).max().item()
+    active = torch.ones(1, 3, dtype=torch.bool)
+    found = certified_argmax(states[None], active, weight, norm, ae.argmax_tokens, shortlist_size=8)
+    assert found.tolist() == [[7, 7, 7]] and len(calls) == 3  # one probe
+
+
 @pytest.mark.parametrize("run", [64, 5, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_keep_first_maximum_on_signs_zeros_and_ties(dtype, run):
@@ -666,6 +691,15 @@ def test_shortlist_argmax_backs_off_when_it_does_not_pay():
     assert decode.requested == requested and decode.skip == 0
     decode(agreeing, active)
     assert decode.requested == requested + active.numel()
+    for skip in (2, 4, 8):  # failures in a row double the back-off
+        decode(diverse, active)
+        assert decode.skip == skip
+        for _ in range(skip):
+            decode(agreeing, active)
+        assert decode.skip == 0
+    decode(agreeing, active)  # a call that pays resets it
+    decode(diverse, active)
+    assert decode.skip == 2
 
 
 def test_shortlist_argmax_projects_few_states_in_full():
