@@ -10,10 +10,11 @@ backbone, and a faithful re-implementation of the authors' generation step, in o
 Columns: `llama` (transformers' LlamaForCausalLM.generate, greedy, same backbone shape), `calm` (this project's
 generate), `calm-full` (the same with shortlist_size=0: every pool position projected onto the whole vocabulary),
 `authors` (the reference's step: full decoder logits for every candidate, counted by a Python loop per row).
-Reports medians of new tokens/s and ms per step, the fraction of pool positions the shortlist certified, peak
-memory above the loaded weights (measured in a separate run, so that the sampling thread does not slow the timed
-ones), and a warning where the spread of the repeats is large (shared machines are noisy). Writes JSON (--output)
-and a PNG plot (--plot).
+Reports medians of new tokens/s and ms per step, the floor of a step (reading the weights it uses once, at the read
+bandwidth measured in the same run) and how far above it the step is, the fraction of pool positions the shortlist
+certified, peak memory above the loaded weights (measured in a separate run, so that the sampling thread does not
+slow the timed ones), and a warning where the spread of the repeats is large (shared machines are noisy). Writes JSON
+(--output) and a PNG plot (--plot).
 """
 
 from __future__ import annotations
@@ -238,6 +239,40 @@ class PoolStats:
         return certified, requested
 
 
+def step_weight_bytes(calm: CALMForCausalLM, llama: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the weights one generation step reads at least once, per column: every parameter but the token
+    embedding tables a step only looks rows up in (CALM's encoder is unused too, but for its embedding: the decoder's
+    output projection). A step cannot take less than reading these once: the floor the ms/step are compared with."""
+
+    def read(*modules: torch.nn.Module) -> int:
+        params = {p.data_ptr(): p for m in modules for p in m.parameters()}  # tied weights once
+        return sum(p.numel() * p.element_size() for p in params.values())
+
+    backbone = (calm.transformer.layers, calm.transformer.norm)
+    head_and_decoder = (calm.generative_head, calm.ae_model.decoder, calm.ae_model.encoder.embed_tokens)
+    return {
+        "llama": read(llama.model.layers, llama.model.norm, llama.lm_head),
+        "calm": read(*backbone, calm.embed_proj, *head_and_decoder),
+    }
+
+
+@torch.no_grad()
+def read_bandwidth(device: str, nbytes: int = 2**30, repeats: int = 5) -> float:
+    """Bytes per second this device reads from memory, measured: the median time of a max over an int32 buffer
+    larger than its caches (a reduction does next to no arithmetic per byte)."""
+    buffer = torch.ones(nbytes // 4, dtype=torch.int32, device=device)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        buffer.amax()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times[1:])
+
+
 def run_once(
     kind: str, calm, llama, prompt, max_new_tokens, temperature, num_samples, device, measure_memory=False
 ) -> dict:
@@ -398,6 +433,13 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
             **kwargs,
         )
 
+    bandwidth = read_bandwidth(args.device)
+    weight_bytes = step_weight_bytes(calm, llama)
+    print(
+        f"# read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step: "
+        f"Llama {weight_bytes['llama'] / 2**20:.0f} MiB, CALM {weight_bytes['calm'] / 2**20:.0f} MiB",
+        flush=True,
+    )
     pooled = {case: [0, 0] for case in cases}  # certified, requested
     with PoolStats() as pool_stats:
         for case in cases:  # warm-up, and peak memory in a run of its own (the sampling thread costs time)
@@ -425,6 +467,9 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
                 "tokens_per_s": median,
                 "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
                 "cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in runs),
+                # reading the step's weights once at the measured bandwidth (per token for llama, per chunk for calm)
+                "floor_ms_per_step": 1000 * weight_bytes["llama" if kind == "llama" else "calm"] / bandwidth,
+                "read_bandwidth_gb_s": bandwidth / 1e9,
                 "peak_mib": memory["peak_mib"],
                 "peak_total_mib": memory["peak_total_mib"],
                 "certified": certified / requested if requested else None,
@@ -457,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\n{'model':9} {'dtype':9} {'batch':>5} {'T':>5} {'tok/s':>9} {'ms/step':>9} {'cpu ms/step':>11} "
-        f"{'peak MiB':>9} {'certified':>9}  spread"
+        f"{'floor ms':>8} {'x floor':>7} {'peak MiB':>9} {'certified':>9}  spread"
     )
     for r in results:
         t = "-" if r["temperature"] is None else f"{r['temperature']:g}"
@@ -465,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         certified = "-" if r["certified"] is None else f"{r['certified']:.0%}"
         print(
             f"{r['model']:9} {r['dtype']:9} {r['batch']:>5} {t:>5} {r['tokens_per_s']:>9.1f} "
-            f"{r['ms_per_step']:>9.1f} {r['cpu_ms_per_step']:>11.1f} {r['peak_mib']:>9.0f} {certified:>9}  "
+            f"{r['ms_per_step']:>9.1f} {r['cpu_ms_per_step']:>11.1f} {r['floor_ms_per_step']:>8.2f} "
+            f"{r['ms_per_step'] / r['floor_ms_per_step']:>7.1f} {r['peak_mib']:>9.0f} {certified:>9}  "
             f"{r['spread']:.0%}{warn}"
         )
     ratios = summary(results, args.dtypes, args.batch_sizes, args.temperatures)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -48,10 +50,30 @@ def test_benchmark_script_runs(tmp_path):
     for batch in (1, 2):
         assert {("llama", batch, None), ("calm", batch, 1.0), ("calm", batch, 0.5)} <= rows
         assert {("calm-full", batch, 0.5), ("authors", batch, 1.0), ("authors", batch, 0.5)} <= rows
-    assert all(r["tokens_per_s"] > 0 for r in result["results"])
+    assert all(r["tokens_per_s"] > 0 and r["floor_ms_per_step"] > 0 for r in result["results"])
+    assert "# read bandwidth" in run.stdout
     assert any("T=1 calm / llama" in line for line in result["ratios"])
     pooled = [r for r in result["results"] if r["model"] == "calm" and r["temperature"] == 0.5]
     assert all(0.0 <= r["certified"] <= 1.0 for r in pooled)
+
+
+def test_step_weight_bytes_counts_what_a_step_reads():
+    """The floor's bytes: every weight a step multiplies by, once (tied ones too), none it only looks rows up in."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from benchmark_generation import build_models, step_weight_bytes
+
+    calm, llama = build_models("tiny", torch.float32, "cpu")
+    counted = step_weight_bytes(calm, llama)
+
+    def size(module):
+        return sum(p.numel() * 4 for p in module.parameters())
+
+    assert counted["llama"] == size(llama) - size(llama.model.embed_tokens)  # lm_head is not tied in the baseline
+    encoder = calm.ae_model.encoder  # unused but for its embedding, the decoder's projection
+    unused = size(calm.transformer.embed_tokens) + size(encoder) - size(encoder.embed_tokens)
+    assert counted["calm"] == size(calm) - unused
+    llama.lm_head.weight = llama.model.embed_tokens.weight  # tied: read once, as the projection
+    assert step_weight_bytes(calm, llama)["llama"] == size(llama.model)
 
 
 def test_step_breakdown_script_runs():
