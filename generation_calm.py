@@ -548,6 +548,7 @@ class CALMGenerationMixin(GenerationMixin):
         cache = None
         new_tokens = input_ids.new_zeros(batch_size, 0)
         unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        running = batch_size  # int(unfinished.sum()): while every row runs, no padding to write
         while new_tokens.shape[1] < max_new_tokens:
             hidden, cache, _ = self.backbone(chunk_embeds, chunk_mask, position_ids, cache, use_cache=True)
             if exact:
@@ -559,7 +560,8 @@ class CALMGenerationMixin(GenerationMixin):
             chunk = chunk[:, : max_new_tokens - new_tokens.shape[1]]  # [B, <=K]
 
             # Rows that stopped produce padding; a row stops at its first EOS, even inside a chunk.
-            chunk = chunk.masked_fill(~unfinished[:, None], pad_token_id)
+            if running < batch_size:
+                chunk = chunk.masked_fill(~unfinished[:, None], pad_token_id)
             if eos_ids.numel():
                 is_eos = torch.isin(chunk, eos_ids)
                 is_eos &= (new_tokens.shape[1] + torch.arange(chunk.shape[1], device=device)) >= min_new_tokens
@@ -571,7 +573,8 @@ class CALMGenerationMixin(GenerationMixin):
                 streamer.put(chunk.cpu())
             if len(criteria):
                 unfinished &= ~criteria(torch.cat([input_ids, new_tokens], dim=-1), None)
-            if not bool(unfinished.any()) or new_tokens.shape[1] >= max_new_tokens:
+            running = int(unfinished.sum())
+            if running == 0 or new_tokens.shape[1] >= max_new_tokens:
                 break
 
             chunk_embeds = self.embed_chunks(chunk)
@@ -598,37 +601,34 @@ class CALMGenerationMixin(GenerationMixin):
     ) -> torch.Tensor:
         """hidden [B, d] -> the next chunk's token ids [B, K]. `pool_argmax` decodes the pool (default: plain)."""
         batch_size = hidden.shape[0]
+        samples = (batch_size,) if pool_size == 1 else (batch_size, pool_size)
         noise = None
         if noise_sampler is not None:
-            shape = (
-                (batch_size, self.config.noise_size)
-                if pool_size == 1
-                else (batch_size, pool_size, self.config.noise_size)
-            )
-            noise = noise_sampler(shape, hidden.device, hidden.dtype).reshape(batch_size, pool_size, -1)
+            noise = noise_sampler((*samples, self.config.noise_size), hidden.device, hidden.dtype)
+        if pool_size == 1:  # one draw per row (T = 1), kept 2-D: a pool of one adds views to every layer of the head
+            latents = self.generative_head.sample(hidden, noise, generator)  # [B, l]
+            return self.ae_model.decode_tokens(latents.unsqueeze(1))  # [B, 1, l] -> [B, K]
         latents = self.generative_head.sample(hidden, noise, generator, num_samples=pool_size)  # [B, N, l]
-        if pool_size > 1:
-            decoder = self.ae_model.decoder
-            pool_argmax = pool_argmax or partial(plain_argmax, argmax_tokens=self.ae_model.argmax_tokens)
-            chunk_states = decoder.chunk_state(latents)  # [B, N, a]
-            # The draw comes first, so the choice in the usual case (every candidate unique: diverse candidates) is
-            # known before the pool is decoded, and its whole chunk is decoded in the pool's first pass.
-            uniform = None
-            if do_sample:
-                uniform = torch.rand(batch_size, generator=generator, device=latents.device, dtype=torch.float64)
-            all_unique = torch.eye(pool_size, dtype=torch.bool, device=latents.device).expand(batch_size, -1, -1)
-            likely = sample_from_pool(all_unique, temperature, do_sample, uniform)  # [B]
-            same, tokens = identical_chunks(
-                chunk_states, decoder.token_states, self.config.patch_size, pool_argmax, complete=likely
-            )
-            choice = sample_from_pool(same, temperature, do_sample, uniform)  # [B]
-            rows = torch.arange(batch_size, device=latents.device)
-            # The chosen chunk's tokens as counted: complete when it is the likely one or was counted more than
-            # once (shared prefixes are decoded to the end); otherwise the ones after its unique prefix are decoded.
-            return complete_chunks(
-                tokens[rows, choice], chunk_states[rows, choice], decoder.token_states, self.ae_model.argmax_tokens
-            )
-        return self.ae_model.decode_tokens(latents)  # [B, 1, l] -> [B, K]
+        decoder = self.ae_model.decoder
+        pool_argmax = pool_argmax or partial(plain_argmax, argmax_tokens=self.ae_model.argmax_tokens)
+        chunk_states = decoder.chunk_state(latents)  # [B, N, a]
+        # The draw comes first, so the choice in the usual case (every candidate unique: diverse candidates) is
+        # known before the pool is decoded, and its whole chunk is decoded in the pool's first pass.
+        uniform = None
+        if do_sample:
+            uniform = torch.rand(batch_size, generator=generator, device=latents.device, dtype=torch.float64)
+        all_unique = torch.eye(pool_size, dtype=torch.bool, device=latents.device).expand(batch_size, -1, -1)
+        likely = sample_from_pool(all_unique, temperature, do_sample, uniform)  # [B]
+        same, tokens = identical_chunks(
+            chunk_states, decoder.token_states, self.config.patch_size, pool_argmax, complete=likely
+        )
+        choice = sample_from_pool(same, temperature, do_sample, uniform)  # [B]
+        rows = torch.arange(batch_size, device=latents.device)
+        # The chosen chunk's tokens as counted: complete when it is the likely one or was counted more than
+        # once (shared prefixes are decoded to the end); otherwise the ones after its unique prefix are decoded.
+        return complete_chunks(
+            tokens[rows, choice], chunk_states[rows, choice], decoder.token_states, self.ae_model.argmax_tokens
+        )
 
     def _exact_chunk(
         self,
