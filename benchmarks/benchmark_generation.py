@@ -13,17 +13,22 @@ generate), `calm-full` (the same with shortlist_size=0: every pool position proj
 Reports medians of new tokens/s and ms per step, the floor of a step (reading the weights it uses once, at the read
 bandwidth measured in the same run) and how far above it the step is, the fraction of pool positions the shortlist
 certified, peak memory above the loaded weights (measured in a separate run, so that the sampling thread does not
-slow the timed ones), and a warning where the spread of the repeats is large (shared machines are noisy). Writes JSON
-(--output) and a PNG plot (--plot).
+slow the timed ones, after handing freed memory back to the system, so that a run cannot hide its needs in what
+earlier runs freed) and what the candidate pool adds to the memory of a T = 1 run, and a warning where the spread of
+the repeats is large (shared machines are noisy). Writes JSON (--output) and a PNG plot (--plot).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import importlib
 import json
 import math
+import random
 import statistics
 import sys
 import threading
@@ -176,6 +181,14 @@ def authors_generate(
     return ids[:, : prompt.shape[1] + max_new_tokens]
 
 
+def release_free_memory() -> None:
+    """Hand the C allocator's free pages back to the system (glibc's malloc_trim), so that a run's peak RSS counts its
+    own allocations: otherwise it reuses what earlier runs freed, and RSS does not grow with what it needs."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: measure as is
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory above the starting point: CUDA's allocator counter, or the process RSS sampled every 2 ms."""
 
@@ -191,6 +204,7 @@ class PeakMemory:
             import psutil
 
             self.process = psutil.Process()
+            release_free_memory()
             self.base = self.peak = self.process.memory_info().rss
             self.running = True
             self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -393,9 +407,13 @@ def summary(results: list[dict], dtypes: list[str], batches: list[int], temperat
                     ),
                     None,
                 )
-                if one and pool and one.get("peak_total_mib"):
-                    extra = (pool["peak_total_mib"] - one["peak_total_mib"]) / one["peak_total_mib"]
-                    lines.append(f"{dtype:9} batch {b}: T={t:g} peak memory vs T=1 (calm)      {extra:+6.1%}")
+                if one and pool:  # what the pool adds, against the memory of a T = 1 run: weights + workspace
+                    added = pool["peak_mib"] - one["peak_mib"]
+                    share = added / (one["weights_mib"] + one["peak_mib"])
+                    lines.append(
+                        f"{dtype:9} batch {b}: T={t:g} memory added vs T=1 (calm)    {share:+6.1%} "
+                        f"({added:+.0f} MiB on {one['weights_mib']:.0f} MiB of weights + {one['peak_mib']:.0f} MiB)"
+                    )
     return lines
 
 
@@ -435,6 +453,9 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
 
     bandwidth = read_bandwidth(args.device)
     weight_bytes = step_weight_bytes(calm, llama)
+    weights_mib = {
+        name: sum(p.nbytes for p in m.parameters()) / 2**20 for name, m in (("llama", llama), ("calm", calm))
+    }
     print(
         f"# read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step: "
         f"Llama {weight_bytes['llama'] / 2**20:.0f} MiB, CALM {weight_bytes['calm'] / 2**20:.0f} MiB",
@@ -446,8 +467,8 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
             run(case)
             samples[case] = [run(case, measure_memory=True)]
             pool_stats.collect()
-        for _ in range(args.repeats):  # interleaved: every case once per round
-            for case in cases:
+        for repeat in range(args.repeats):  # interleaved: every case once per round,
+            for case in random.Random(repeat).sample(cases, len(cases)):  # in a new order (none always runs warm)
                 samples[case].append(run(case))
                 certified, requested = pool_stats.collect()
                 pooled[case][0] += certified
@@ -470,6 +491,7 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
                 # reading the step's weights once at the measured bandwidth (per token for llama, per chunk for calm)
                 "floor_ms_per_step": 1000 * weight_bytes["llama" if kind == "llama" else "calm"] / bandwidth,
                 "read_bandwidth_gb_s": bandwidth / 1e9,
+                "weights_mib": weights_mib["llama" if kind == "llama" else "calm"],
                 "peak_mib": memory["peak_mib"],
                 "peak_total_mib": memory["peak_total_mib"],
                 "certified": certified / requested if requested else None,

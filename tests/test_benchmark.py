@@ -53,6 +53,7 @@ def test_benchmark_script_runs(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["floor_ms_per_step"] > 0 for r in result["results"])
     assert "# read bandwidth" in run.stdout
     assert any("T=1 calm / llama" in line for line in result["ratios"])
+    assert sum("T=0.5 memory added vs T=1 (calm)" in line for line in result["ratios"]) == 2  # batch 1 and 2
     pooled = [r for r in result["results"] if r["model"] == "calm" and r["temperature"] == 0.5]
     assert all(0.0 <= r["certified"] <= 1.0 for r in pooled)
 
