@@ -253,20 +253,21 @@ class PoolStats:
         return certified, requested
 
 
+def parameter_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the modules' parameters, tied ones once."""
+    params = {p.data_ptr(): p for m in modules for p in m.parameters()}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
 def step_weight_bytes(calm: CALMForCausalLM, llama: torch.nn.Module) -> dict[str, int]:
     """Bytes of the weights one generation step reads at least once, per column: every parameter but the token
     embedding tables a step only looks rows up in (CALM's encoder is unused too, but for its embedding: the decoder's
     output projection). A step cannot take less than reading these once: the floor the ms/step are compared with."""
-
-    def read(*modules: torch.nn.Module) -> int:
-        params = {p.data_ptr(): p for m in modules for p in m.parameters()}  # tied weights once
-        return sum(p.numel() * p.element_size() for p in params.values())
-
     backbone = (calm.transformer.layers, calm.transformer.norm)
     head_and_decoder = (calm.generative_head, calm.ae_model.decoder, calm.ae_model.encoder.embed_tokens)
     return {
-        "llama": read(llama.model.layers, llama.model.norm, llama.lm_head),
-        "calm": read(*backbone, calm.embed_proj, *head_and_decoder),
+        "llama": parameter_bytes(llama.model.layers, llama.model.norm, llama.lm_head),
+        "calm": parameter_bytes(*backbone, calm.embed_proj, *head_and_decoder),
     }
 
 
@@ -453,9 +454,7 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
 
     bandwidth = read_bandwidth(args.device)
     weight_bytes = step_weight_bytes(calm, llama)
-    weights_mib = {
-        name: sum(p.nbytes for p in m.parameters()) / 2**20 for name, m in (("llama", llama), ("calm", calm))
-    }
+    weights_mib = {"llama": parameter_bytes(llama) / 2**20, "calm": parameter_bytes(calm) / 2**20}
     print(
         f"# read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step: "
         f"Llama {weight_bytes['llama'] / 2**20:.0f} MiB, CALM {weight_bytes['calm'] / 2**20:.0f} MiB",
@@ -474,6 +473,7 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
                 pooled[case][0] += certified
                 pooled[case][1] += requested
     for (kind, batch, temperature), (memory, *runs) in samples.items():
+        weights_of = "llama" if kind == "llama" else "calm"
         rates = [r["tokens_per_s"] for r in runs]
         median = statistics.median(rates)
         spread = (max(rates) - min(rates)) / median if median else 0.0
@@ -489,9 +489,9 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
                 "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
                 "cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in runs),
                 # reading the step's weights once at the measured bandwidth (per token for llama, per chunk for calm)
-                "floor_ms_per_step": 1000 * weight_bytes["llama" if kind == "llama" else "calm"] / bandwidth,
+                "floor_ms_per_step": 1000 * weight_bytes[weights_of] / bandwidth,
                 "read_bandwidth_gb_s": bandwidth / 1e9,
-                "weights_mib": weights_mib["llama" if kind == "llama" else "calm"],
+                "weights_mib": weights_mib[weights_of],
                 "peak_mib": memory["peak_mib"],
                 "peak_total_mib": memory["peak_total_mib"],
                 "certified": certified / requested if requested else None,
