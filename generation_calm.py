@@ -347,7 +347,8 @@ class ShortlistArgmax:
     def __call__(
         self, states: torch.Tensor, active: torch.Tensor, optional: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.skip or int(active.sum()) <= self.min_states:
+        requested = 0 if self.skip else int(active.sum())  # not counted while backing off
+        if self.skip or requested <= self.min_states:
             self.skip = max(self.skip - 1, 0)
             return plain_argmax(states, active, self.argmax_tokens, optional)
         self.uncertified = 0
@@ -357,7 +358,6 @@ class ShortlistArgmax:
         )
         if optional is not None:  # decoded along with the uncertified ones, not asked for
             self.uncertified -= int((tokens[optional & ~active] >= 0).sum())
-        requested = int(active.sum())
         self.requested += requested
         self.certified += requested - self.uncertified
         if requested - self.uncertified < requested / 4:
