@@ -11,7 +11,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, GenerationMixin
+from transformers import GenerationConfig, GenerationMixin, StaticCache
 from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -26,6 +26,9 @@ CALM_GENERATION_DEFAULTS = {
 }
 _CALM_ONLY = ("num_samples", "prompt_alignment", "shortlist_size", "temperature_sampler")  # not transformers' own
 PROMPT_ALIGNMENTS = ("left", "reference")
+# None is transformers' default (a DynamicCache); "static" preallocates the whole generation, so that every step
+# has the same shapes (a compiled backbone then compiles once).
+CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
 TEMPERATURE_SAMPLERS = ("pool", "exact")
 # Chunks the exact sampler may draw for one position before it gives up (its cost has no bound).
 EXACT_SAMPLER_MAX_DRAWS = 20_000
@@ -433,6 +436,11 @@ class CALMGenerationMixin(GenerationMixin):
                 f"temperature_sampler must be 'pool' (the authors' batch algorithm over num_samples candidates) or "
                 f"'exact' (the paper's Algorithm 1), got {generation_config.temperature_sampler!r}."
             )
+        if generation_config.cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"CALM generation supports cache_implementation None or 'dynamic' (the default, a DynamicCache) and "
+                f"'static' (a StaticCache), got {generation_config.cache_implementation!r}."
+            )
         shortlist_size = generation_config.shortlist_size
         if not isinstance(shortlist_size, int) or shortlist_size < 0 or shortlist_size == 1:
             raise ValueError(
@@ -466,8 +474,10 @@ class CALMGenerationMixin(GenerationMixin):
         `return_dict_in_generate`) and CALM's own: `temperature` in (0, 1], `num_samples` (candidate pool for
         T < 1 or do_sample=False), `prompt_alignment` ("left" or "reference"), `shortlist_size`,
         `temperature_sampler` ("pool": the authors' batch algorithm; "exact": the paper's Algorithm 1, drawing
-        `num_samples` chunks per model call). `generator` seeds the draws; `noise_sampler(shape, device, dtype)`
-        replaces the head's uniform noise in [-0.5, 0.5) (for replaying draws).
+        `num_samples` chunks per model call). `cache_implementation="static"` preallocates the KV cache for the whole
+        generation (same tokens; fixed shapes for a compiled backbone, `model.transformer.compile()`). `generator`
+        seeds the draws; `noise_sampler(shape, device, dtype)` replaces the head's uniform noise in [-0.5, 0.5) (for
+        replaying draws).
         """
         for name, value in (
             ("logits_processor", logits_processor),
@@ -544,13 +554,22 @@ class CALMGenerationMixin(GenerationMixin):
         position_ids = (chunk_mask.cumsum(-1) - 1).clamp(min=0)
         if bool(chunk_mask.all()):  # no fully padded chunk: the backbone's own causal mask and positions are these
             chunk_mask = position_ids = None  # and building a mask every step costs time
+        else:  # [B, all chunks]: the generated ones are real; a static cache takes it whole, others its past
+            chunk_mask = F.pad(chunk_mask, (0, num_chunks - chunk_mask.shape[1]), value=1)
+        static = generation_config.cache_implementation == "static"
+        # The backbone reads the prompt's chunks and every new chunk but the last.
+        cache = StaticCache(config=self.config, max_cache_len=num_chunks - 1) if static else None
+        cached = 0  # chunks in the cache
         chunk_embeds = self.embed_chunks(ids, token_mask)
-        cache = None
         new_tokens = input_ids.new_zeros(batch_size, 0)
         unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
         running = batch_size  # int(unfinished.sum()): while every row runs, no padding to write
         while new_tokens.shape[1] < max_new_tokens:
-            hidden, cache, _ = self.backbone(chunk_embeds, chunk_mask, position_ids, cache, use_cache=True)
+            new_chunks = chunk_embeds.shape[1]
+            mask = chunk_mask if chunk_mask is None or static else chunk_mask[:, : cached + new_chunks]
+            slots = torch.arange(cached, cached + new_chunks, device=device)
+            hidden, cache, _ = self.backbone(chunk_embeds, mask, position_ids, cache, True, cache_position=slots)
+            cached += new_chunks
             if exact:
                 chunk = self._exact_chunk(hidden[:, -1], temperature, pool_size, generator, noise_sampler)
             else:
@@ -578,8 +597,7 @@ class CALMGenerationMixin(GenerationMixin):
                 break
 
             chunk_embeds = self.embed_chunks(chunk)
-            if chunk_mask is not None:
-                chunk_mask = torch.cat([chunk_mask, chunk_mask.new_ones(batch_size, 1)], dim=-1)
+            if position_ids is not None:
                 position_ids = position_ids[:, -1:] + 1
 
         if streamer is not None:

@@ -35,6 +35,8 @@ except ImportError:  # transformers 4.57
 
 # The KV-cache keyword of LlamaModel.forward: `cache` in recent 5.x, `past_key_values` before.
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+# transformers 4.57's LlamaModel takes the cache slots to write as `cache_position`; 5.x caches count them.
+TAKES_CACHE_POSITION = "cache_position" in inspect.signature(LlamaModel.forward).parameters
 
 # Brier-n is reported for n-grams of 1..4 tokens (BrierLM is their geometric mean).
 BRIER_MAX_N = 4
@@ -699,12 +701,17 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
         position_ids: torch.Tensor | None = None,
         past_key_values: object | None = None,
         use_cache: bool = False,
+        cache_position: torch.Tensor | None = None,
         **kwargs: object,
     ) -> tuple[torch.Tensor, object, object]:
-        """Run the Llama backbone on chunk vectors [B, P, d]; chunk_mask covers past + current chunks.
+        """Run the Llama backbone on chunk vectors [B, P, d]; chunk_mask covers past + current chunks (for a
+        `StaticCache`: may cover all its slots, future ones as ones). `cache_position` [P]: the cache slots of these
+        chunks, for transformers 4.57's static caches (without it they search the cache for the first empty slot).
 
         Returns (last_hidden_state [B, P, d], cache, raw backbone output).
         """
+        if cache_position is not None and TAKES_CACHE_POSITION:
+            kwargs["cache_position"] = cache_position
         outputs = self.transformer(
             inputs_embeds=chunk_embeds,
             attention_mask=chunk_mask,

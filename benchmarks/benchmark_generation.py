@@ -289,10 +289,23 @@ def read_bandwidth(device: str, nbytes: int = 2**30, repeats: int = 5) -> float:
 
 
 def run_once(
-    kind: str, calm, llama, prompt, max_new_tokens, temperature, num_samples, device, measure_memory=False
+    kind: str,
+    calm,
+    llama,
+    prompt,
+    max_new_tokens,
+    temperature,
+    num_samples,
+    device,
+    measure_memory=False,
+    compiled=False,
 ) -> dict:
+    """One generation of `kind`. compiled: the backbones are compiled, so calm and llama generate with static caches
+    (fixed shapes: one compilation), and the authors' loop, whose cache grows every step, runs eagerly as written."""
     memory = PeakMemory(device) if measure_memory else contextlib.nullcontext()
-    with memory:
+    cache_implementation = "static" if compiled else None
+    eager = torch.compiler.set_stance("force_eager") if compiled and kind == "authors" else contextlib.nullcontext()
+    with memory, eager:
         start, cpu_start = time.perf_counter(), time.process_time()
         if kind in ("calm", "calm-full"):
             out = calm.generate(
@@ -303,6 +316,7 @@ def run_once(
                 num_samples=num_samples,
                 eos_token_id=None,
                 shortlist_size=64 if kind == "calm" else 0,
+                cache_implementation=cache_implementation,
             )
         elif kind == "authors":
             out = authors_generate(calm, prompt, max_new_tokens, temperature, num_samples)
@@ -313,6 +327,7 @@ def run_once(
                 min_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=llama.config.pad_token_id,
+                cache_implementation=cache_implementation,
             )
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -423,6 +438,9 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
     results = []
     dtype = getattr(torch, dtype_name)
     calm, llama = build_models(args.shape, dtype, args.device, args.model, args.confident_head)
+    if args.compile:  # in place: the parameters keep their names
+        calm.transformer.compile()
+        llama.model.compile()
     print(
         f"# {args.model or args.shape} {dtype_name} on {args.device}: same tokens as the authors' loop at T=1: "
         f"{check_same_tokens(calm, torch.randint(3, 1000, (2, 8), device=args.device))}",
@@ -449,6 +467,7 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
             temperature or 1.0,
             args.num_samples,
             args.device,
+            compiled=args.compile,
             **kwargs,
         )
 
@@ -461,9 +480,12 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
         flush=True,
     )
     pooled = {case: [0, 0] for case in cases}  # certified, requested
+    warm_up_s = {}
     with PoolStats() as pool_stats:
         for case in cases:  # warm-up, and peak memory in a run of its own (the sampling thread costs time)
+            start = time.perf_counter()
             run(case)
+            warm_up_s[case] = time.perf_counter() - start  # with --compile, the first cases include compilation
             samples[case] = [run(case, measure_memory=True)]
             pool_stats.collect()
         for repeat in range(args.repeats):  # interleaved: every case once per round,
@@ -497,6 +519,7 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
                 "certified": certified / requested if requested else None,
                 "spread": spread,
                 "runs": rates,
+                "warm_up_s": warm_up_s[(kind, batch, temperature)],
             }
         )
     return results
@@ -515,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the calm and llama backbones and generate with static caches (the authors' loop runs eagerly)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], help="columns to leave out: llama, calm, calm-full, authors")
     parser.add_argument("--output", default="benchmarks/results.json")
     parser.add_argument("--plot", default="benchmarks/results.png")
@@ -546,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "prompt_length": args.prompt_length,
         "repeats": args.repeats,
+        "compiled_backbones": args.compile,
     }
     Path(args.output).write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
     if args.plot:

@@ -81,6 +81,82 @@ def test_right_padded_prompts_equal_left_padded(model):
     assert torch.equal(left[:, 7:], right[:, 7:])
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_static_cache_gives_the_dynamic_caches_tokens(model, temperature):
+    """cache_implementation="static" (fixed shapes for a compiled backbone): the same tokens as the default cache, for
+    padded batches (the static cache takes the chunk mask of all its slots) and for unpadded prompts."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34, 35]]
+    table = noise_table(len(prompts), 6, pool=1 if temperature == 1.0 else 16)
+    kwargs = dict(max_new_tokens=22, temperature=temperature, num_samples=16, eos_token_id=None)
+    for ids, mask in (left_pad(prompts), (torch.tensor([prompts[0][:8]] * 3), None)):
+        outputs = [
+            model.generate(
+                ids,
+                attention_mask=mask,
+                noise_sampler=replay(table, [0, 1, 2]),
+                generator=torch.Generator().manual_seed(0),  # the pool's pick
+                **kwargs,
+                **cache,
+            )
+            for cache in ({}, {"cache_implementation": "static"})
+        ]
+        assert outputs[0].shape == (3, ids.shape[1] + 22)
+        assert torch.equal(outputs[0], outputs[1])
+
+
+def test_static_cache_holds_the_whole_generation(model, monkeypatch):
+    """The static cache is made once, with a slot per chunk the backbone reads (the prompt's, and every new chunk but
+    the last), and every step writes the next slots: a cache one slot short fails, so a miscount cannot pass."""
+    import calm_transformers.generation_calm as generation
+
+    static_cache, made = generation.StaticCache, []
+
+    def counted(config, max_cache_len, short=0):
+        made.append(max_cache_len)
+        return static_cache(config=config, max_cache_len=max_cache_len - short)
+
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])  # 2 chunks; 13 new tokens: 4 more, the backbone reads 3 of them
+    monkeypatch.setattr(generation, "StaticCache", counted)
+    out = model.generate(prompt, max_new_tokens=13, eos_token_id=None, cache_implementation="static")
+    assert out.shape == (1, 19) and made == [5]
+    monkeypatch.setattr(generation, "StaticCache", lambda config, max_cache_len: counted(config, max_cache_len, 1))
+    with pytest.raises((IndexError, RuntimeError)):  # the backbone's own error: a slot past the cache's end
+        model.generate(prompt, max_new_tokens=13, eos_token_id=None, cache_implementation="static")
+
+
+def test_compiled_backbone_compiles_once_with_a_static_cache(monkeypatch):
+    """The README's recipe, `model.transformer.compile()` + cache_implementation="static": the same tokens as eager,
+    and every step after the first runs the decode graph compiled for it (any recompilation fails: a guard on a value
+    that changes per step, such as a growing mask, would recompile every step)."""
+    import shutil
+
+    if not hasattr(torch.compiler, "set_stance"):
+        pytest.skip(f"needs torch.compiler.set_stance (torch >= 2.6), torch is {torch.__version__}")
+    if not any(map(shutil.which, ("g++", "c++", "clang++"))):
+        pytest.skip("torch.compile on CPU needs a C++ compiler (g++ or clang++): none found")
+    model = tiny_model(patch_size=4)
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]])  # padding: the chunk mask goes in too
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, temperature=1.0, eos_token_id=None)
+    kwargs.update(cache_implementation="static")
+    eager = model.generate(ids, generator=torch.Generator().manual_seed(0), **kwargs)
+    backbone, calls = model.backbone, []
+
+    def strict(*args, **kw):  # the prefill and the first step compile; from the second step on nothing may
+        calls.append(len(calls))
+        if len(calls) == 3:
+            torch.compiler.set_stance("fail_on_recompile")
+        return backbone(*args, **kw)
+
+    model.transformer.compile()
+    monkeypatch.setattr(model, "backbone", strict)
+    try:
+        compiled = model.generate(ids, generator=torch.Generator().manual_seed(0), **kwargs)
+    finally:
+        torch.compiler.set_stance("default")
+        torch._dynamo.reset()
+    assert len(calls) == 5 and torch.equal(compiled, eager)
+
+
 def test_align_prompts_layouts():
     ids = torch.tensor([[PAD, PAD, 5, 6, 7], [8, 9, PAD, PAD, PAD]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]])
@@ -243,6 +319,7 @@ def test_saved_generation_config_has_calm_defaults(tmp_path, model):
         (dict(shortlist_size=1), "shortlist_size must be 0"),
         (dict(shortlist_size=-3), "shortlist_size must be 0"),
         (dict(temperature_sampler="approximate"), "temperature_sampler must be 'pool'"),
+        (dict(cache_implementation="offloaded"), "cache_implementation None or 'dynamic'"),
         (dict(foo=1), "foo"),
     ],
 )
