@@ -6,10 +6,13 @@ backbone, and a faithful re-implementation of the authors' generation step, in o
     python benchmarks/benchmark_generation.py --shape tiny --repeats 2   # seconds, to check the script
     python benchmarks/benchmark_generation.py --confident-head            # candidates that agree (shortlist pays)
     python benchmarks/benchmark_generation.py --model calm_tiny_wikitext  # a trained model (Llama: same shape)
+    python benchmarks/benchmark_generation.py --compile --dtypes bfloat16  # + compiled backbones, static caches
 
 Columns: `llama` (transformers' LlamaForCausalLM.generate, greedy, same backbone shape), `calm` (this project's
 generate), `calm-full` (the same with shortlist_size=0: every pool position projected onto the whole vocabulary),
-`authors` (the reference's step: full decoder logits for every candidate, counted by a Python loop per row).
+`authors` (the reference's step: full decoder logits for every candidate, counted by a Python loop per row), and with
+--compile `calm-compiled` and `llama-compiled` (the backbone compiled, generating with a static cache; the other
+columns then run with compilation off).
 Reports medians of new tokens/s and ms per step, the floor of a step (reading the weights it uses once, at the read
 bandwidth measured in the same run) and how far above it the step is, the fraction of pool positions the shortlist
 certified, peak memory above the loaded weights (measured in a separate run, so that the sampling thread does not
@@ -45,6 +48,8 @@ try:
 except ImportError:  # a checkout whose folder is not named calm_transformers
     pkg = importlib.import_module(Path(__file__).resolve().parent.parent.name)
     CALMAutoencoderConfig, CALMConfig, CALMForCausalLM = pkg.CALMAutoencoderConfig, pkg.CALMConfig, pkg.CALMForCausalLM
+
+COMPILED = "-compiled"  # a column's suffix under --compile: its backbone compiled, generating with a static cache
 
 SHAPES = {
     # spec section 1: CALM-M with the released autoencoder (vocabulary 128257)
@@ -298,14 +303,17 @@ def run_once(
     num_samples,
     device,
     measure_memory=False,
-    compiled=False,
+    backbones_compiled=False,
 ) -> dict:
-    """One generation of `kind`. compiled: the backbones are compiled, so calm and llama generate with static caches
-    (fixed shapes: one compilation), and the authors' loop, whose cache grows every step, runs eagerly as written."""
+    """One generation of `kind`. A `-compiled` kind runs the compiled backbone with a static cache (the same shapes
+    every step: compiled once); with backbones_compiled, every other kind runs eagerly, as without --compile."""
     memory = PeakMemory(device) if measure_memory else contextlib.nullcontext()
+    compiled = kind.endswith(COMPILED)
+    kind = kind.removesuffix(COMPILED)
     cache_implementation = "static" if compiled else None
-    eager = torch.compiler.set_stance("force_eager") if compiled and kind == "authors" else contextlib.nullcontext()
-    with memory, eager:
+    eager = backbones_compiled and not compiled
+    stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
+    with memory, stance:
         start, cpu_start = time.perf_counter(), time.process_time()
         if kind in ("calm", "calm-full"):
             out = calm.generate(
@@ -336,7 +344,7 @@ def run_once(
     if measure_memory:
         return {"peak_mib": memory.extra_mib, "peak_total_mib": memory.peak_total_mib}
     new = (out.shape[1] - prompt.shape[1]) * out.shape[0]
-    steps = math.ceil(max_new_tokens / calm.config.patch_size) if kind != "llama" else max_new_tokens
+    steps = max_new_tokens if kind == "llama" else math.ceil(max_new_tokens / calm.config.patch_size)
     return {
         "tokens_per_s": new / seconds,
         "ms_per_step": 1000 * seconds / steps,
@@ -385,8 +393,16 @@ def summary(results: list[dict], dtypes: list[str], batches: list[int], temperat
     for dtype in dtypes:
         for b in batches:
             base = {"dtype": dtype, "batch": b}
+            compiled_calm, compiled_llama = {"model": "calm" + COMPILED}, {"model": "llama" + COMPILED}
             checks = [
                 ("T=1 calm / llama", {"model": "calm", "temperature": 1.0}, {"model": "llama"}),
+                ("T=1 calm-compiled / llama-compiled", {**compiled_calm, "temperature": 1.0}, compiled_llama),
+                (
+                    "T=1 calm-compiled / calm",
+                    {**compiled_calm, "temperature": 1.0},
+                    {"model": "calm", "temperature": 1.0},
+                ),
+                ("llama-compiled / llama", compiled_llama, {"model": "llama"}),
                 ("T=1 calm / authors", {"model": "calm", "temperature": 1.0}, {"model": "authors", "temperature": 1.0}),
             ]
             for t in low:
@@ -394,6 +410,11 @@ def summary(results: list[dict], dtypes: list[str], batches: list[int], temperat
                     (
                         f"T={t:g} calm / authors",
                         {"model": "calm", "temperature": t},
+                        {"model": "authors", "temperature": t},
+                    ),
+                    (
+                        f"T={t:g} calm-compiled / authors",
+                        {**compiled_calm, "temperature": t},
                         {"model": "authors", "temperature": t},
                     ),
                     (
@@ -405,7 +426,7 @@ def summary(results: list[dict], dtypes: list[str], batches: list[int], temperat
             for label, a, c in checks:
                 value = ratio(results, {**base, **a}, {**base, **c})
                 if value is not None:
-                    lines.append(f"{dtype:9} batch {b}: {label:32} {value:6.2f}x")
+                    lines.append(f"{dtype:9} batch {b}: {label:36} {value:6.2f}x")
             for t in low:
                 one = next(
                     (
@@ -427,7 +448,7 @@ def summary(results: list[dict], dtypes: list[str], batches: list[int], temperat
                     added = pool["peak_mib"] - one["peak_mib"]
                     share = added / (one["weights_mib"] + one["peak_mib"])
                     lines.append(
-                        f"{dtype:9} batch {b}: T={t:g} memory added vs T=1 (calm)    {share:+6.1%} "
+                        f"{dtype:9} batch {b}: {f'T={t:g} memory added vs T=1 (calm)':36} {share:+6.1%} "
                         f"({added:+.0f} MiB on {one['weights_mib']:.0f} MiB of weights + {one['peak_mib']:.0f} MiB)"
                     )
     return lines
@@ -438,19 +459,22 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
     results = []
     dtype = getattr(torch, dtype_name)
     calm, llama = build_models(args.shape, dtype, args.device, args.model, args.confident_head)
-    if args.compile:  # in place: the parameters keep their names
-        calm.transformer.compile()
-        llama.model.compile()
     print(
         f"# {args.model or args.shape} {dtype_name} on {args.device}: same tokens as the authors' loop at T=1: "
         f"{check_same_tokens(calm, torch.randint(3, 1000, (2, 8), device=args.device))}",
         flush=True,
     )
+    if args.compile:  # in place (the parameters keep their names); eager cases run with compilation off
+        calm.transformer.compile()
+        llama.model.compile()
+    kinds = ("llama", "calm", "calm-full", "authors") + (
+        ("llama" + COMPILED, "calm" + COMPILED) if args.compile else ()
+    )
     cases = [
         (kind, b, t)
         for b in args.batch_sizes
-        for kind in ("llama", "calm", "calm-full", "authors")
-        for t in ((None,) if kind == "llama" else args.temperatures)
+        for kind in kinds
+        for t in ((None,) if kind.startswith("llama") else args.temperatures)
         if kind not in args.skip and not (kind == "calm-full" and t == 1.0)  # T=1 has no pool
     ]
     samples = {case: [] for case in cases}
@@ -467,7 +491,7 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
             temperature or 1.0,
             args.num_samples,
             args.device,
-            compiled=args.compile,
+            backbones_compiled=args.compile,
             **kwargs,
         )
 
@@ -495,7 +519,7 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
                 pooled[case][0] += certified
                 pooled[case][1] += requested
     for (kind, batch, temperature), (memory, *runs) in samples.items():
-        weights_of = "llama" if kind == "llama" else "calm"
+        weights_of = "llama" if kind.startswith("llama") else "calm"
         rates = [r["tokens_per_s"] for r in runs]
         median = statistics.median(rates)
         spread = (max(rates) - min(rates)) / median if median else 0.0
@@ -541,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="compile the calm and llama backbones and generate with static caches (the authors' loop runs eagerly)",
+        help="also calm-compiled and llama-compiled: compiled backbones with static caches (others run eagerly)",
     )
     parser.add_argument("--skip", nargs="*", default=[], help="columns to leave out: llama, calm, calm-full, authors")
     parser.add_argument("--output", default="benchmarks/results.json")
@@ -551,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [row for dtype_name in args.dtypes for row in measure(args, dtype_name)]
 
     print(
-        f"\n{'model':9} {'dtype':9} {'batch':>5} {'T':>5} {'tok/s':>9} {'ms/step':>9} {'cpu ms/step':>11} "
+        f"\n{'model':14} {'dtype':9} {'batch':>5} {'T':>5} {'tok/s':>9} {'ms/step':>9} {'cpu ms/step':>11} "
         f"{'floor ms':>8} {'x floor':>7} {'peak MiB':>9} {'certified':>9}  spread"
     )
     for r in results:
@@ -559,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         warn = "  <- noisy (>20%)" if r["spread"] > 0.2 else ""
         certified = "-" if r["certified"] is None else f"{r['certified']:.0%}"
         print(
-            f"{r['model']:9} {r['dtype']:9} {r['batch']:>5} {t:>5} {r['tokens_per_s']:>9.1f} "
+            f"{r['model']:14} {r['dtype']:9} {r['batch']:>5} {t:>5} {r['tokens_per_s']:>9.1f} "
             f"{r['ms_per_step']:>9.1f} {r['cpu_ms_per_step']:>11.1f} {r['floor_ms_per_step']:>8.2f} "
             f"{r['ms_per_step'] / r['floor_ms_per_step']:>7.1f} {r['peak_mib']:>9.0f} {certified:>9}  "
             f"{r['spread']:.0%}{warn}"
@@ -593,6 +617,7 @@ def plot(results: list[dict], path: str, meta: dict) -> None:
         return
     labels, values, colors = [], [], []
     palette = {"llama": "tab:gray", "calm": "tab:blue", "calm-full": "tab:cyan", "authors": "tab:orange"}
+    palette.update({"llama" + COMPILED: "black", "calm" + COMPILED: "tab:purple"})
     for r in results:
         t = "" if r["temperature"] is None else f" T={r['temperature']:g}"
         labels.append(f"{r['model']}{t}\n{r['dtype'][:4]} b{r['batch']}")
