@@ -567,7 +567,7 @@ class CALMGenerationMixin(GenerationMixin):
         while new_tokens.shape[1] < max_new_tokens:
             new_chunks = chunk_embeds.shape[1]
             mask = chunk_mask if chunk_mask is None or static else chunk_mask[:, : cached + new_chunks]
-            slots = torch.arange(cached, cached + new_chunks, device=device)
+            slots = torch.arange(cached, cached + new_chunks, device=device) if static else None
             hidden, cache, _ = self.backbone(chunk_embeds, mask, position_ids, cache, True, cache_position=slots)
             cached += new_chunks
             if exact:

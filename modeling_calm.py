@@ -706,7 +706,7 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
     ) -> tuple[torch.Tensor, object, object]:
         """Run the Llama backbone on chunk vectors [B, P, d]; chunk_mask covers past + current chunks (for a
         `StaticCache`: may cover all its slots, future ones as ones). `cache_position` [P]: the cache slots of these
-        chunks, for transformers 4.57's static caches (without it they search the cache for the first empty slot).
+        chunks, for transformers 4.57's static caches (without it they count their filled slots, a read of the cache).
 
         Returns (last_hidden_state [B, P, d], cache, raw backbone output).
         """

@@ -90,3 +90,31 @@ def test_step_breakdown_script_runs():
         assert f"batch {batch}, median of 1" in run.stdout
     timed = [line for line in run.stdout.splitlines() if line.startswith("  ")]
     assert len(timed) == 2 * 12 and all(float(line.split()[-1]) > 0 for line in timed)
+
+
+def test_benchmark_compiled_columns(tmp_path):
+    """--compile adds the compiled backbones (static caches) beside the eager columns, with their ratios."""
+    import shutil
+
+    import pytest
+
+    if not any(map(shutil.which, ("g++", "c++", "clang++"))):
+        pytest.skip("torch.compile on CPU needs a C++ compiler (g++ or clang++): none found")
+    output = tmp_path / "results.json"
+    args = ["--shape", "tiny", "--dtypes", "float32", "--batch-sizes", "1", "--temperatures", "1.0", "--compile"]
+    args += ["--skip", "authors", "--max-new-tokens", "8", "--repeats", "1", "--output", str(output), "--plot", ""]
+    run = subprocess.run(
+        [sys.executable, "benchmarks/benchmark_generation.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(output.read_text())
+    rows = {(r["model"], r["temperature"]): r for r in result["results"]}
+    assert set(rows) == {("llama", None), ("calm", 1.0), ("llama-compiled", None), ("calm-compiled", 1.0)}
+    assert result["meta"]["compiled_backbones"] is True
+    assert all(r["tokens_per_s"] > 0 and r["warm_up_s"] > 0 for r in rows.values())
+    for label in ("T=1 calm-compiled / llama-compiled", "T=1 calm-compiled / calm", "llama-compiled / llama"):
+        assert any(label in line for line in result["ratios"]), label
