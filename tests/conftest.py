@@ -39,6 +39,16 @@ def require_shared(path: Path = FIXTURE) -> Path:
     return path
 
 
+def require_cpp_compiler() -> None:
+    """Skip, saying why, where torch.compile cannot build CPU kernels (inductor needs a C++ compiler)."""
+    import shutil
+
+    if not any(map(shutil.which, ("g++", "c++", "clang++"))):
+        pytest.skip("torch.compile on CPU needs a C++ compiler (g++ or clang++): none found")
+    if not hasattr(torch.compiler, "set_stance"):
+        pytest.skip(f"needs torch.compiler.set_stance (torch >= 2.6), torch is {torch.__version__}")
+
+
 @pytest.fixture(scope="session")
 def reference() -> dict:
     return torch.load(require_shared() / "reference.pt", weights_only=True)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import require_cpp_compiler
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,12 +95,7 @@ def test_step_breakdown_script_runs():
 
 def test_benchmark_compiled_columns(tmp_path):
     """--compile adds the compiled backbones (static caches) beside the eager columns, with their ratios."""
-    import shutil
-
-    import pytest
-
-    if not any(map(shutil.which, ("g++", "c++", "clang++"))):
-        pytest.skip("torch.compile on CPU needs a C++ compiler (g++ or clang++): none found")
+    require_cpp_compiler()
     output = tmp_path / "results.json"
     args = ["--shape", "tiny", "--dtypes", "float32", "--batch-sizes", "1", "--temperatures", "1.0", "--compile"]
     args += ["--skip", "authors", "--max-new-tokens", "8", "--repeats", "1", "--output", str(output), "--plot", ""]

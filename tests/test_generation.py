@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from calm_transformers.generation_calm import ShortlistArgmax, align_prompts, plain_argmax, temperature_sampling
-from conftest import tiny_model
+from conftest import require_cpp_compiler, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 VOCAB = 96
@@ -128,12 +128,7 @@ def test_compiled_backbone_compiles_once_with_a_static_cache(monkeypatch):
     """The README's recipe, `model.transformer.compile()` + cache_implementation="static": the same tokens as eager,
     and every step after the first runs the decode graph compiled for it (any recompilation fails: a guard on a value
     that changes per step, such as a growing mask, would recompile every step)."""
-    import shutil
-
-    if not hasattr(torch.compiler, "set_stance"):
-        pytest.skip(f"needs torch.compiler.set_stance (torch >= 2.6), torch is {torch.__version__}")
-    if not any(map(shutil.which, ("g++", "c++", "clang++"))):
-        pytest.skip("torch.compile on CPU needs a C++ compiler (g++ or clang++): none found")
+    require_cpp_compiler()
     model = tiny_model(patch_size=4)
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]])  # padding: the chunk mask goes in too
     kwargs = dict(attention_mask=mask, max_new_tokens=20, temperature=1.0, eos_token_id=None)
