@@ -15,44 +15,34 @@ from conftest import require_cpp_compiler
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_benchmark_script_runs(tmp_path):
+def run_benchmark(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    """Run the script on `args` (tiny shapes, one repeat, no plot); return its stdout and its JSON."""
     output = tmp_path / "results.json"
+    common = ["--shape", "tiny", "--repeats", "1", "--output", str(output), "--plot", ""]
     run = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/benchmark_generation.py",
-            "--shape",
-            "tiny",
-            "--dtypes",
-            "float32",
-            "--batch-sizes",
-            "1",
-            "2",
-            "--num-samples",
-            "24",  # more than ShortlistArgmax's min_states: the shortlist is tried
-            "--max-new-tokens",
-            "8",
-            "--repeats",
-            "1",
-            "--output",
-            str(output),
-            "--plot",
-            "",
-        ],
+        [sys.executable, "benchmarks/benchmark_generation.py", *common, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "same tokens as the authors' loop at T=1: True" in run.stdout
-    result = json.loads(output.read_text())
+    return run.stdout, json.loads(output.read_text())
+
+
+def test_benchmark_script_runs(tmp_path):
+    stdout, result = run_benchmark(
+        tmp_path,
+        *("--dtypes", "float32", "--batch-sizes", "1", "2", "--max-new-tokens", "8"),
+        *("--num-samples", "24"),  # more than ShortlistArgmax's min_states: the shortlist is tried
+    )
+    assert "same tokens as the authors' loop at T=1: True" in stdout
     rows = {(r["model"], r["batch"], r["temperature"]) for r in result["results"]}
     for batch in (1, 2):
         assert {("llama", batch, None), ("calm", batch, 1.0), ("calm", batch, 0.5)} <= rows
         assert {("calm-full", batch, 0.5), ("authors", batch, 1.0), ("authors", batch, 0.5)} <= rows
     assert all(r["tokens_per_s"] > 0 and r["floor_ms_per_step"] > 0 for r in result["results"])
-    assert "# read bandwidth" in run.stdout
+    assert "# read bandwidth" in stdout
     assert any("T=1 calm / llama" in line for line in result["ratios"])
     assert sum("T=0.5 memory added vs T=1 (calm)" in line for line in result["ratios"]) == 2  # batch 1 and 2
     pooled = [r for r in result["results"] if r["model"] == "calm" and r["temperature"] == 0.5]
@@ -96,18 +86,11 @@ def test_step_breakdown_script_runs():
 def test_benchmark_compiled_columns(tmp_path):
     """--compile adds the compiled backbones (static caches) beside the eager columns, with their ratios."""
     require_cpp_compiler()
-    output = tmp_path / "results.json"
-    args = ["--shape", "tiny", "--dtypes", "float32", "--batch-sizes", "1", "--temperatures", "1.0", "--compile"]
-    args += ["--skip", "authors", "--max-new-tokens", "8", "--repeats", "1", "--output", str(output), "--plot", ""]
-    run = subprocess.run(
-        [sys.executable, "benchmarks/benchmark_generation.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    _, result = run_benchmark(
+        tmp_path,
+        *("--dtypes", "float32", "--batch-sizes", "1", "--temperatures", "1.0", "--max-new-tokens", "8"),
+        *("--compile", "--skip", "authors"),
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(output.read_text())
     rows = {(r["model"], r["temperature"]): r for r in result["results"]}
     assert set(rows) == {("llama", None), ("calm", 1.0), ("llama-compiled", None), ("calm-compiled", 1.0)}
     assert result["meta"]["compiled_backbones"] is True
