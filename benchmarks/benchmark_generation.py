@@ -376,13 +376,14 @@ def check_same_tokens(calm, prompt) -> bool:
     return torch.equal(ours, theirs)
 
 
+def find_row(results: list[dict], match: dict) -> dict | None:
+    """The first row whose fields have the values in `match` (None if there is none)."""
+    return next((r for r in results if all(r[k] == v for k, v in match.items())), None)
+
+
 def ratio(results: list[dict], a: dict, b: dict) -> float | None:
     """tokens/s of the row matching `a` over that of the row matching `b` (None if either is missing)."""
-
-    def find(match: dict) -> dict | None:
-        return next((r for r in results if all(r[k] == v for k, v in match.items())), None)
-
-    ra, rb = find(a), find(b)
+    ra, rb = find_row(results, a), find_row(results, b)
     return ra["tokens_per_s"] / rb["tokens_per_s"] if ra and rb else None
 
 
@@ -428,22 +429,8 @@ def summary(results: list[dict], dtypes: list[str], batches: list[int], temperat
                 if value is not None:
                     lines.append(f"{dtype:9} batch {b}: {label:36} {value:6.2f}x")
             for t in low:
-                one = next(
-                    (
-                        r
-                        for r in results
-                        if r["model"] == "calm" and r["temperature"] == 1.0 and r["dtype"] == dtype and r["batch"] == b
-                    ),
-                    None,
-                )
-                pool = next(
-                    (
-                        r
-                        for r in results
-                        if r["model"] == "calm" and r["temperature"] == t and r["dtype"] == dtype and r["batch"] == b
-                    ),
-                    None,
-                )
+                one = find_row(results, {**base, "model": "calm", "temperature": 1.0})
+                pool = find_row(results, {**base, "model": "calm", "temperature": t})
                 if one and pool:  # what the pool adds, against the memory of a T = 1 run: weights + workspace
                     added = pool["peak_mib"] - one["peak_mib"]
                     share = added / (one["weights_mib"] + one["peak_mib"])
