@@ -39,8 +39,9 @@ def require_shared(path: Path = FIXTURE) -> Path:
     return path
 
 
-def require_cpp_compiler() -> None:
-    """Skip, saying why, where torch.compile cannot build CPU kernels (inductor needs a C++ compiler)."""
+def require_torch_compile() -> None:
+    """Skip, saying why, where the compile tests cannot run: inductor needs a C++ compiler on CPU, and the tests
+    torch.compiler.set_stance (torch >= 2.6)."""
     import shutil
 
     if not any(map(shutil.which, ("g++", "c++", "clang++"))):

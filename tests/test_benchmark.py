@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import require_cpp_compiler
+from conftest import require_torch_compile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ def test_step_breakdown_script_runs():
 
 def test_benchmark_compiled_columns(tmp_path):
     """--compile adds the compiled backbones (static caches) beside the eager columns, with their ratios."""
-    require_cpp_compiler()
+    require_torch_compile()
     _, result = run_benchmark(
         tmp_path,
         *("--dtypes", "float32", "--batch-sizes", "1", "--temperatures", "1.0", "--max-new-tokens", "8"),

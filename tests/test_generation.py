@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from calm_transformers.generation_calm import ShortlistArgmax, align_prompts, plain_argmax, temperature_sampling
-from conftest import require_cpp_compiler, tiny_model
+from conftest import require_torch_compile, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 VOCAB = 96
@@ -128,7 +128,7 @@ def test_compiled_backbone_compiles_once_with_a_static_cache(monkeypatch):
     """The README's recipe, `model.transformer.compile()` + cache_implementation="static": the same tokens as eager,
     and every step after the first runs the decode graph compiled for it (any recompilation fails: a guard on a value
     that changes per step, such as a growing mask, would recompile every step)."""
-    require_cpp_compiler()
+    require_torch_compile()
     model = tiny_model(patch_size=4)
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]])  # padding: the chunk mask goes in too
     kwargs = dict(attention_mask=mask, max_new_tokens=20, temperature=1.0, eos_token_id=None)
