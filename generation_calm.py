@@ -631,12 +631,14 @@ class CALMGenerationMixin(GenerationMixin):
         pool_argmax = pool_argmax or partial(plain_argmax, argmax_tokens=self.ae_model.argmax_tokens)
         chunk_states = decoder.chunk_state(latents)  # [B, N, a]
         # The draw comes first, so the choice in the usual case (every candidate unique: diverse candidates) is
-        # known before the pool is decoded, and its whole chunk is decoded in the pool's first pass.
+        # known before the pool is decoded, and its whole chunk is decoded in the pool's first pass: an all-unique
+        # pool weighs its candidates equally, and `sample_from_pool` picks candidate floor(u N) (greedy: the first).
+        # Only a hint: where rounding at a boundary picks a neighbour, `complete_chunks` decodes the rest of it.
         uniform = None
+        likely = torch.zeros(batch_size, dtype=torch.long, device=latents.device)  # [B]
         if do_sample:
             uniform = torch.rand(batch_size, generator=generator, device=latents.device, dtype=torch.float64)
-        all_unique = torch.eye(pool_size, dtype=torch.bool, device=latents.device).expand(batch_size, -1, -1)
-        likely = sample_from_pool(all_unique, temperature, do_sample, uniform)  # [B]
+            likely = (uniform * pool_size).long().clamp_(max=pool_size - 1)
         same, tokens = identical_chunks(
             chunk_states, decoder.token_states, self.config.patch_size, pool_argmax, complete=likely
         )
