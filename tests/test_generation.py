@@ -542,8 +542,8 @@ def test_sample_from_pool_inverts_the_weights_at_the_uniform_draw():
     uniform = torch.tensor([0.0, 0.51, 0.99], dtype=torch.float64)
     assert sample_from_pool(unique, 0.5, uniform=uniform).tolist() == [0, 4, 7]
     # floor(u N): what `_next_chunk` expects the pick of an all-unique pool to be, before decoding the pool
-    for size in (7, 200):
-        uniform = torch.rand(5000, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
+    for size, draws in ((7, 5000), (200, 500)):
+        uniform = torch.rand(draws, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
         unique = torch.eye(size, dtype=torch.bool).expand(len(uniform), -1, -1)
         assert torch.equal(sample_from_pool(unique, 0.5, uniform=uniform), (uniform * size).long())
 
