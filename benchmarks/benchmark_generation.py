@@ -554,7 +554,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also calm-compiled and llama-compiled: compiled backbones with static caches (others run eagerly)",
     )
-    parser.add_argument("--skip", nargs="*", default=[], help="columns to leave out: llama, calm, calm-full, authors")
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        help="columns to leave out: llama, calm, calm-full, authors (--compile: also llama-compiled, calm-compiled)",
+    )
     parser.add_argument("--output", default="benchmarks/results.json")
     parser.add_argument("--plot", default="benchmarks/results.png")
     args = parser.parse_args(argv)

@@ -41,7 +41,7 @@ def require_shared(path: Path = FIXTURE) -> Path:
 
 def require_torch_compile() -> None:
     """Skip, saying why, where the compile tests cannot run: inductor needs a C++ compiler on CPU, and the tests
-    torch.compiler.set_stance (torch >= 2.6)."""
+    use torch.compiler.set_stance (torch >= 2.6)."""
     import shutil
 
     if not any(map(shutil.which, ("g++", "c++", "clang++"))):
