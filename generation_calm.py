@@ -371,6 +371,29 @@ class ShortlistArgmax:
         return tokens
 
 
+def _check_devices(
+    device: torch.device,
+    model_device: torch.device,
+    attention_mask: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> None:
+    """Raise a clear error where the prompt, its mask or the generator is not on the model's device (the backbone's
+    own error would name a kernel, not the argument to move). Weights offloaded by accelerate are on "meta": not
+    checked."""
+    if model_device.type != "meta" and device != model_device:
+        raise ValueError(
+            f"input_ids are on {device} but the model is on {model_device}: pass input_ids.to(model.device) (and "
+            "the attention_mask too)."
+        )
+    if attention_mask is not None and attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {device}: move it to {device}.")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator is a {generator.device.type} generator but the model generates on {device}: pass "
+            f"torch.Generator(device=model.device).manual_seed(...)."
+        )
+
+
 def align_prompts(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_size: int, pad_token_id: int, alignment: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -498,6 +521,8 @@ class CALMGenerationMixin(GenerationMixin):
 
         from .modeling_calm import check_input_ids  # avoid a circular import at module load
 
+        if isinstance(input_ids, torch.Tensor):  # before check_input_ids reads the ids on their device
+            _check_devices(input_ids.device, self.device, attention_mask, generator)
         check_input_ids(input_ids, self.config.vocab_size)
         batch_size, prompt_len = input_ids.shape
         device = input_ids.device

@@ -7,6 +7,7 @@ backbone, and a faithful re-implementation of the authors' generation step, in o
     python benchmarks/benchmark_generation.py --confident-head            # candidates that agree (shortlist pays)
     python benchmarks/benchmark_generation.py --model calm_tiny_wikitext  # a trained model (Llama: same shape)
     python benchmarks/benchmark_generation.py --compile --dtypes bfloat16  # + compiled backbones, static caches
+    python benchmarks/benchmark_generation.py --device cuda --dtypes bfloat16 --compile reduce-overhead  # CUDA graphs
 
 Columns: `llama` (transformers' LlamaForCausalLM.generate, greedy, same backbone shape), `calm` (this project's
 generate), `calm-full` (the same with shortlist_size=0: every pool position projected onto the whole vocabulary),
@@ -452,8 +453,9 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
         flush=True,
     )
     if args.compile:  # in place (the parameters keep their names); eager cases run with compilation off
-        calm.transformer.compile()
-        llama.model.compile()
+        mode = None if args.compile == "default" else args.compile
+        calm.transformer.compile(mode=mode)
+        llama.model.compile(mode=mode)
     kinds = ("llama", "calm", "calm-full", "authors") + (
         ("llama" + COMPILED, "calm" + COMPILED) if args.compile else ()
     )
@@ -478,7 +480,7 @@ def measure(args: argparse.Namespace, dtype_name: str) -> list[dict]:
             temperature or 1.0,
             args.num_samples,
             args.device,
-            backbones_compiled=args.compile,
+            backbones_compiled=args.compile is not None,
             **kwargs,
         )
 
@@ -551,8 +553,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--compile",
-        action="store_true",
-        help="also calm-compiled and llama-compiled: compiled backbones with static caches (others run eagerly)",
+        nargs="?",
+        const="default",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="also calm-compiled and llama-compiled: compiled backbones with static caches (others run eagerly); the "
+        "optional value is torch.compile's mode (reduce-overhead: CUDA graphs on a GPU, the same as default on CPU)",
     )
     parser.add_argument(
         "--skip",
@@ -590,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "prompt_length": args.prompt_length,
         "repeats": args.repeats,
-        "compiled_backbones": args.compile,
+        "compiled_backbones": args.compile,  # torch.compile's mode, or None
     }
     Path(args.output).write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
     if args.plot:

@@ -62,6 +62,14 @@ def fixture_model() -> CALMForCausalLM:
     return load_reference_checkpoint(require_shared() / "calm", require_shared() / "autoencoder").eval()
 
 
+# The generation tests of device-agnostic code run on the CPU here and in CI, and also on a CUDA GPU where there is
+# one (`pytest -k cuda`; benchmarks/gpu_checks.sh). Skipped, saying so, where there is none.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
+
+
 def tiny_config(
     patch_size: int = 4,
     num_heads: int = 4,
@@ -114,6 +122,13 @@ def tiny_model(seed: int = 0, **config_kwargs) -> CALMForCausalLM:
         last = model.generative_head.final_layer.linears[-1]
         last.weight.normal_(0, 0.5)
     return model
+
+
+def on_device(model: CALMForCausalLM, device: str) -> CALMForCausalLM:
+    """`model` itself on the CPU; a copy on another device (module-scoped fixtures stay on the CPU)."""
+    import copy
+
+    return model if device == "cpu" else copy.deepcopy(model).to(device)
 
 
 def run_python(code: str, cwd: Path, env_extra: dict | None = None, timeout: int = 240) -> str:

@@ -93,7 +93,7 @@ def test_benchmark_compiled_columns(tmp_path):
     )
     rows = {(r["model"], r["temperature"]): r for r in result["results"]}
     assert set(rows) == {("llama", None), ("calm", 1.0), ("llama-compiled", None), ("calm-compiled", 1.0)}
-    assert result["meta"]["compiled_backbones"] is True
+    assert result["meta"]["compiled_backbones"] == "default"
     assert all(r["tokens_per_s"] > 0 and r["warm_up_s"] > 0 for r in rows.values())
     for label in ("T=1 calm-compiled / llama-compiled", "T=1 calm-compiled / calm", "llama-compiled / llama"):
         assert any(label in line for line in result["ratios"]), label

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from calm_transformers.generation_calm import ShortlistArgmax, align_prompts, plain_argmax, temperature_sampling
-from conftest import require_torch_compile, tiny_model
+from conftest import DEVICES, on_device, require_torch_compile, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 VOCAB = 96
@@ -42,18 +42,20 @@ def model():
     return tiny_model(patch_size=4)
 
 
-def test_batched_equals_one_by_one(model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_equals_one_by_one(model, device):
     """T = 1 (one head sample per row and step): left-padded rows of different lengths give the tokens they give alone.
     (At T < 1 the pick draws from one generator for the whole batch; see the do_sample=False test below.)"""
+    model = on_device(model, device)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34, 35]]
     table = noise_table(len(prompts), 6)
     kwargs = dict(max_new_tokens=10, do_sample=True, temperature=1.0, eos_token_id=None)
-    ids, mask = left_pad(prompts)
+    ids, mask = (t.to(device) for t in left_pad(prompts))
     batched = model.generate(ids, attention_mask=mask, noise_sampler=replay(table, [0, 1, 2]), **kwargs)
     assert batched.shape == (3, ids.shape[1] + 10)
     assert torch.equal(batched[:, : ids.shape[1]], ids)  # the prompt is returned as given
     for row, prompt in enumerate(prompts):
-        alone = model.generate(torch.tensor([prompt]), noise_sampler=replay(table, [row]), **kwargs)
+        alone = model.generate(torch.tensor([prompt], device=device), noise_sampler=replay(table, [row]), **kwargs)
         assert alone[0, len(prompt) :].tolist() == batched[row, ids.shape[1] :].tolist()
 
 
@@ -81,20 +83,23 @@ def test_right_padded_prompts_equal_left_padded(model):
     assert torch.equal(left[:, 7:], right[:, 7:])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_static_cache_gives_the_dynamic_caches_tokens(model, temperature):
+def test_static_cache_gives_the_dynamic_caches_tokens(model, temperature, device):
     """cache_implementation="static" (fixed shapes for a compiled backbone): the same tokens as the default cache, for
     padded batches (the static cache takes the chunk mask of all its slots) and for unpadded prompts."""
+    model = on_device(model, device)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34, 35]]
     table = noise_table(len(prompts), 6, pool=1 if temperature == 1.0 else 16)
     kwargs = dict(max_new_tokens=22, temperature=temperature, num_samples=16, eos_token_id=None)
     for ids, mask in (left_pad(prompts), (torch.tensor([prompts[0][:8]] * 3), None)):
+        ids, mask = ids.to(device), mask if mask is None else mask.to(device)
         outputs = [
             model.generate(
                 ids,
                 attention_mask=mask,
                 noise_sampler=replay(table, [0, 1, 2]),
-                generator=torch.Generator().manual_seed(0),  # the pool's pick
+                generator=torch.Generator(device).manual_seed(0),  # the pool's pick
                 **kwargs,
                 **cache,
             )
@@ -124,16 +129,17 @@ def test_static_cache_holds_the_whole_generation(model, monkeypatch):
         model.generate(prompt, max_new_tokens=13, eos_token_id=None, cache_implementation="static")
 
 
-def test_compiled_backbone_compiles_once_with_a_static_cache(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_backbone_compiles_once_with_a_static_cache(monkeypatch, device):
     """The README's recipe, `model.transformer.compile()` + cache_implementation="static": the same tokens as eager,
     and every step after the first runs the decode graph compiled for it (any recompilation fails: a guard on a value
     that changes per step, such as a growing mask, would recompile every step)."""
     require_torch_compile()
-    model = tiny_model(patch_size=4)
-    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]])  # padding: the chunk mask goes in too
+    model = tiny_model(patch_size=4).to(device)
+    ids, mask = (t.to(device) for t in left_pad([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]))  # padding: a chunk mask
     kwargs = dict(attention_mask=mask, max_new_tokens=20, temperature=1.0, eos_token_id=None)
     kwargs.update(cache_implementation="static")
-    eager = model.generate(ids, generator=torch.Generator().manual_seed(0), **kwargs)
+    eager = model.generate(ids, generator=torch.Generator(device).manual_seed(0), **kwargs)
     backbone, calls = model.backbone, []
 
     def strict(*args, **kw):  # the prefill and the first step compile; from the second step on nothing may
@@ -145,7 +151,7 @@ def test_compiled_backbone_compiles_once_with_a_static_cache(monkeypatch):
     model.transformer.compile()
     monkeypatch.setattr(model, "backbone", strict)
     try:
-        compiled = model.generate(ids, generator=torch.Generator().manual_seed(0), **kwargs)
+        compiled = model.generate(ids, generator=torch.Generator(device).manual_seed(0), **kwargs)
     finally:
         torch.compiler.set_stance("default")
         torch._dynamo.reset()
@@ -387,6 +393,21 @@ def test_bad_inputs(model):
         model.generate(max_new_tokens=4)
 
 
+def test_inputs_on_another_device_name_what_to_move(model):
+    """The prompt, its mask and the generator must be on the model's device (on a GPU machine: CPU tensors or a CPU
+    generator); the error names the argument and the fix. "meta" stands in for the other device here."""
+    from types import SimpleNamespace
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ValueError, match=r"input_ids are on meta but the model is on cpu: pass input_ids.to\(model"):
+        model.generate(ids.to("meta"), max_new_tokens=4)
+    with pytest.raises(ValueError, match="attention_mask is on meta, input_ids on cpu"):
+        model.generate(ids, attention_mask=torch.ones_like(ids, device="meta"), max_new_tokens=4)
+    cuda_generator = SimpleNamespace(device=torch.device("cuda", 0))  # what a torch.Generator("cuda") reports
+    with pytest.raises(ValueError, match=r"a cuda generator .* torch.Generator\(device=model.device\)"):
+        model.generate(ids, generator=cuda_generator, max_new_tokens=4)
+
+
 # --- the temperature sampler against a black box with a known distribution ---------------------------------------
 
 CHUNKS = torch.tensor([[1, 1], [2, 2], [3, 3], [4, 4]])
@@ -446,9 +467,8 @@ def test_bfloat16_generation(tmp_path, model):
     bf16 = type(model).from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="auto").eval()
     assert bf16.dtype == torch.bfloat16
     torch.manual_seed(0)
-    out = bf16.generate(
-        torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=9, temperature=0.5, num_samples=32, eos_token_id=None
-    )
+    prompt = torch.tensor([[5, 6, 7, 8, 9]], device=bf16.device)  # device_map="auto": a GPU where there is one
+    out = bf16.generate(prompt, max_new_tokens=9, temperature=0.5, num_samples=32, eos_token_id=None)
     assert out.shape == (1, 14) and out.dtype == torch.long
 
 
@@ -614,16 +634,17 @@ def test_complete_chunks_decodes_only_the_missing_tokens_in_one_call():
     assert torch.equal(complete_chunks(full, chunk_states, token_states, argmax_tokens), full) and calls == [4]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_rows", [3, 64, 65, 700])
-def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows):
+def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows, device):
     """Blocked over rows and vocabulary: the argmax of the full logits, the first maximum on ties."""
-    ae = tiny_model().ae_model.to(dtype)
+    ae = tiny_model().ae_model.to(device, dtype)
     weight = ae.encoder.embed_tokens.weight
     with torch.no_grad():
         weight[40] = weight[7]  # token 40 always ties with token 7: 7 must win
         weight[61] = weight[60]
-    states = torch.randn(num_rows, weight.shape[1], dtype=dtype)
+    states = torch.randn(num_rows, weight.shape[1], dtype=dtype, device=device)
     states[: num_rows // 3] = weight[7] + 0.01 * states[: num_rows // 3]  # rows whose argmax is 7 (tied with 40)
     expected = torch.nn.functional.linear(states, weight).argmax(-1)
     assert bool((expected == 7).any())
@@ -794,33 +815,36 @@ def test_shortlist_argmax_projects_few_states_in_full():
     assert decode.requested == decode.certified == 21
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature,do_sample", [(0.5, True), (1 / 3, True), (0.4, True), (0.5, False)])
-def test_fast_pool_decode_equals_plain_path(model, temperature, do_sample):
+def test_fast_pool_decode_equals_plain_path(model, temperature, do_sample, device):
     """Same draws, same tokens: the prefix-group decode against decoding every candidate in full."""
-    hidden = torch.randn(3, model.config.hidden_size)
-    noise = torch.rand(3, 64, model.config.noise_size) - 0.5
+    model = on_device(model, device)
+    hidden = torch.randn(3, model.config.hidden_size).to(device)
+    noise = (torch.rand(3, 64, model.config.noise_size) - 0.5).to(device)
     fast = model._next_chunk(
-        hidden, 64, temperature, do_sample, torch.Generator().manual_seed(5), lambda shape, device, dtype: noise
+        hidden, 64, temperature, do_sample, torch.Generator(device).manual_seed(5), lambda shape, device, dtype: noise
     )
     with torch.no_grad():
         latents = model.generative_head.sample(hidden.unsqueeze(1).expand(3, 64, -1), noise)
         candidates = model.ae_model.decode_tokens(latents.unsqueeze(2))  # [3, 64, K]
-    choice = temperature_sampling(candidates, temperature, do_sample, torch.Generator().manual_seed(5))
-    assert torch.equal(fast, candidates[torch.arange(3), choice])
+    choice = temperature_sampling(candidates, temperature, do_sample, torch.Generator(device).manual_seed(5))
+    assert torch.equal(fast, candidates[torch.arange(3, device=device), choice])
     shortlist = model._next_chunk(
         hidden,
         64,
         temperature,
         do_sample,
-        torch.Generator().manual_seed(5),
+        torch.Generator(device).manual_seed(5),
         lambda shape, device, dtype: noise,
         ShortlistArgmax(model.ae_model, shortlist_size=8),
     )
     assert torch.equal(shortlist, fast)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("agree", [True, False])
-def test_generate_with_and_without_shortlist(agree, monkeypatch):
+def test_generate_with_and_without_shortlist(agree, monkeypatch, device):
     """The default shortlist decode against shortlist_size=0 (every pool projected in full): same seed, same
     tokens, on a model whose candidates agree (a confident head) and on one whose candidates are diverse."""
     from calm_transformers import generation_calm
@@ -835,7 +859,7 @@ def test_generate_with_and_without_shortlist(agree, monkeypatch):
         if agree:  # the head's sample barely depends on its noise: near copies of one latent per step
             model.generative_head.final_layer.linears[-1].weight.mul_(0.01)
             model.generative_head.final_layer.linears[-1].bias.normal_(0, 3)
-    prompt = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    model, prompt = model.to(device), torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]], device=device)
     outputs = [
         model.generate(
             prompt,
@@ -844,7 +868,7 @@ def test_generate_with_and_without_shortlist(agree, monkeypatch):
             num_samples=32,
             eos_token_id=None,
             shortlist_size=size,
-            generator=torch.Generator().manual_seed(1),
+            generator=torch.Generator(device).manual_seed(1),
         )
         for size in (0, 8, 64)
     ]
