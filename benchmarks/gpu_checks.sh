@@ -23,9 +23,10 @@ ln -s "$PWD" "$PACKAGE_PATH/calm_transformers"
 export PYTHONPATH="$PACKAGE_PATH${PYTHONPATH:+:$PYTHONPATH}"
 
 "$PY" -c "
-import torch, transformers
+import calm_transformers, torch, transformers
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA GPU'
 print('torch', torch.__version__, '| transformers', transformers.__version__, '|', gpu)
+print('calm_transformers from', calm_transformers.__file__)
 " 2>&1 | tee "$OUT_DIR/environment.txt"
 
 status=0
