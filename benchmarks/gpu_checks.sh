@@ -9,8 +9,10 @@
 # from this checkout). Each part has its own time limit, so that one that hangs leaves the others their time.
 # Try it on a CPU first: DEVICE=cpu BENCH_ARGS="--shape tiny --repeats 1 --max-new-tokens 8" bash benchmarks/gpu_checks.sh
 set -uo pipefail
+OUT_DIR=${1:-${OUT:-}}
+[ -n "$OUT_DIR" ] && OUT_DIR=$(realpath -m "$OUT_DIR")  # relative to where it was called from
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-${OUT:-benchmarks/gpu}}
+OUT_DIR=${OUT_DIR:-benchmarks/gpu}
 DEVICE=${DEVICE:-cuda}
 BENCH_ARGS=${BENCH_ARGS:---repeats 3 --max-new-tokens 64}
 PY=${PYTHON:-python3}
