@@ -5,6 +5,7 @@ It asserts nothing about speed: speed claims come from full runs of the script, 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,23 @@ def test_benchmark_compiled_columns(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["warm_up_s"] > 0 for r in rows.values())
     for label in ("T=1 calm-compiled / llama-compiled", "T=1 calm-compiled / calm", "llama-compiled / llama"):
         assert any(label in line for line in result["ratios"]), label
+
+
+def test_gpu_checks_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_checks.sh, the GPU session's one command, run with DEVICE=cpu and tiny shapes: it imports the
+    package from the checkout, runs the tests' CUDA cases (skipped here) and the benchmark with CUDA graphs' compile
+    mode, and leaves its logs and JSON in the folder it is given."""
+    require_torch_compile()
+    out = tmp_path / "gpu"
+    bench_args = "--shape tiny --repeats 1 --max-new-tokens 8 --batch-sizes 1 --temperatures 1.0 --skip authors"
+    env = {**os.environ, "DEVICE": "cpu", "BENCH_ARGS": bench_args, "PYTHON": sys.executable}
+    run = subprocess.run(
+        ["bash", "benchmarks/gpu_checks.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    environment = (out / "environment.txt").read_text()
+    assert "calm_transformers from /" in environment and str(REPO) not in environment  # the checkout, via its link
+    assert "skipped" in (out / "tests_cuda.log").read_text()
+    result = json.loads((out / "results_cpu_bf16.json").read_text())
+    assert result["meta"]["compiled_backbones"] == "reduce-overhead" and result["meta"]["device"] == "cpu"
+    assert {r["model"] for r in result["results"]} == {"llama", "calm", "llama-compiled", "calm-compiled"}
