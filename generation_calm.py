@@ -6,6 +6,7 @@ the autoencoder decodes them to K tokens, and `temperature_sampling` picks one c
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -33,8 +34,34 @@ TEMPERATURE_SAMPLERS = ("pool", "exact")
 # Chunks the exact sampler may draw for one position before it gives up (its cost has no bound).
 EXACT_SAMPLER_MAX_DRAWS = 20_000
 # Settings of transformers' generate that would change what is returned but that CALM's sampler cannot honour.
-# (Token-logit settings such as top_k or top_p have no meaning without token logits and are ignored.)
 _UNSUPPORTED = ("num_beams", "num_return_sequences")
+# Settings that act on token logits, which CALM does not have: ignored, with a warning unless they are at a value
+# that does nothing (or transformers' default, which `generate` fills in: top_k = 50). A model's saved
+# generation_config.json may hold such values (one converted from a token model), so they do not raise.
+_TOKEN_LOGIT_SETTINGS = {
+    "top_k": (0, 50),
+    "top_p": (1.0,),
+    "min_p": (0.0,),
+    "top_h": (),
+    "typical_p": (1.0,),
+    "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,),
+    "repetition_penalty": (1.0,),
+    "encoder_repetition_penalty": (1.0,),
+    "no_repeat_ngram_size": (0,),
+    "bad_words_ids": (),
+    "sequence_bias": (),
+    "suppress_tokens": (),
+    "begin_suppress_tokens": (),
+    "forced_bos_token_id": (),
+    "forced_eos_token_id": (),
+    "exponential_decay_length_penalty": (),
+    "renormalize_logits": (False,),
+    "guidance_scale": (1.0,),
+    "watermarking_config": (),
+    "output_scores": (False,),
+    "output_logits": (False,),
+}
 _IGNORED_MODEL_KWARGS = ("use_cache", "output_attentions", "output_hidden_states", "return_dict", "token_type_ids")
 
 NoiseSampler = Callable[[tuple, torch.device, torch.dtype], torch.Tensor]
@@ -443,6 +470,20 @@ class CALMGenerationMixin(GenerationMixin):
         for key in _UNSUPPORTED:
             if (getattr(generation_config, key, None) or 1) != 1:
                 raise ValueError(f"CALM generation does not support {key}={getattr(generation_config, key)!r}; use 1.")
+        ignored = {
+            key: value
+            for key, inert in _TOKEN_LOGIT_SETTINGS.items()
+            if (value := getattr(generation_config, key, None)) not in (None, [], {}, *inert)
+        }
+        if ignored:
+            settings = ", ".join(f"{key}={value!r}" for key, value in ignored.items())
+            warnings.warn(
+                f"CALM generation ignores {settings}: these act on or return token logits, which CALM does not have "
+                "(it draws whole chunks of K tokens from its energy head). To shape the sampling, use temperature in "
+                "(0, 1] and num_samples.",
+                UserWarning,
+                stacklevel=4,  # the caller of generate (through torch.no_grad's wrapper)
+            )
         temperature = 1.0 if generation_config.temperature is None else float(generation_config.temperature)
         if not 0.0 < temperature <= 1.0:
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -327,6 +328,18 @@ def test_saved_generation_config_has_calm_defaults(tmp_path, model):
 def test_bad_settings(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, **kwargs)
+
+
+def test_token_logit_settings_warn_that_they_are_ignored(model):
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    with pytest.warns(UserWarning, match=r"ignores top_p=0.9, repetition_penalty=1.2: these act on or return token"):
+        model.generate(prompt, max_new_tokens=4, top_p=0.9, repetition_penalty=1.2)
+    with pytest.warns(UserWarning, match=r"ignores output_scores=True"):
+        model.generate(prompt, max_new_tokens=4, output_scores=True, return_dict_in_generate=True)
+    with warnings.catch_warnings():  # no warning for the defaults that transformers fills in, or values that do nothing
+        warnings.simplefilter("error")
+        model.generate(prompt, max_new_tokens=4)
+        model.generate(prompt, max_new_tokens=4, top_k=50, top_p=1.0, repetition_penalty=1.0, output_scores=False)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 0.4, 0.7, 1 / 3])
