@@ -18,6 +18,27 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "calm_tiny_wikitext"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def folder_problem(name: str, needs: str | None = "config.json") -> str | None:
+    """A message if `name` is plainly a local path (not a Hub id such as `org/model`) but no folder is there, or a
+    folder without the file `needs` (a model's config.json); None otherwise."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if needs and not (path / needs).is_file():
+            return f"{name} has no {needs}: pass a folder written by save_pretrained or calm-convert."
+    elif path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        return f"no folder at {name}: pass an existing folder, or a Hub id such as org/model."
+    return None
+
+
+def device_problem(name: str) -> str | None:
+    """A message if tensors cannot go to device `name` here (unknown name, no such GPU, torch built without it)."""
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError, NotImplementedError) as error:  # what torch raises for each of those
+        return f"--device {name} is not usable here ({str(error).splitlines()[0]}); use e.g. --device cpu."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="calm-generate", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", default="The", help="text to continue (default: %(default)r)")
@@ -34,8 +55,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.model == str(DEFAULT_MODEL) and not DEFAULT_MODEL.is_dir():
         parser.error(f"the shipped model is missing from {DEFAULT_MODEL}; pass --model")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = CALMForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
+    problem = folder_problem(args.model) or device_problem(args.device)
+    if problem:
+        parser.error(problem)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = CALMForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
+    except OSError as error:  # transformers' error for a folder or Hub id without a model or tokenizer
+        parser.error(f"could not load --model {args.model}: {error}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     settings = {"temperature": args.temperature, "num_samples": args.num_samples}

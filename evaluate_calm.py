@@ -40,12 +40,14 @@ import torch
 from tqdm.auto import tqdm
 
 if __package__:  # imported as calm_transformers.evaluate_calm
+    from .cli import device_problem, folder_problem
     from .configuration_calm import CALMConfig
     from .modeling_calm import BRIER_MAX_N, CALMForCausalLM
 else:  # run as `python evaluate_calm.py`: import the folder this file is in as the package it is
     import _script_mode
 
     _script_mode.import_package()
+    from calm_transformers.cli import device_problem, folder_problem
     from calm_transformers.configuration_calm import CALMConfig
     from calm_transformers.modeling_calm import BRIER_MAX_N, CALMForCausalLM
 
@@ -364,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be positive.")
     if args.documents_from < 0 or (args.documents_to is not None and args.documents_to <= args.documents_from):
         parser.error("the document range must satisfy 0 <= --documents-from < --documents-to.")
+    problem = folder_problem(args.model) or folder_problem(args.tokenizer or args.model, needs=None)
+    problem = problem or device_problem(args.device)
+    if problem:
+        parser.error(problem)
 
     from transformers import AutoTokenizer
 
@@ -374,9 +380,14 @@ def main(argv: list[str] | None = None) -> int:
             f"--documents-from {args.documents_from} --documents-to {args.documents_to} selects no document of the "
             f"{len(documents)} in {args.data}."
         )
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            args.tokenizer or args.model, trust_remote_code=args.trust_remote_code
+        )
+        model = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    except OSError as error:  # transformers' error (naming the folder or Hub id) for missing files
+        parser.error(f"could not load the model or its tokenizer: {error}")
     blocks = pack_documents(tokenizer, selected, args.block_size)[: args.max_blocks]
-    model = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
 
     start = time.perf_counter()
     result = evaluate_brierlm(

@@ -370,6 +370,15 @@ def test_cli_errors(calm_folder, data_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(calm_folder), "--data", str(data_file), "--documents-from", "50"])
     assert "selects no document of the 12" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "no-model"), "--data", str(data_file)])
+    assert f"no folder at {tmp_path / 'no-model'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(calm_folder), "--data", str(data_file), "--device", "nowhere"])
+    assert "--device nowhere is not usable here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--data", str(data_file)])  # a folder without a model
+    assert f"{tmp_path} has no config.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="multiple of the model's patch_size=4"):
         main(["--model", str(calm_folder), "--data", str(data_file), "--block-size", "18"])
 

@@ -1,0 +1,72 @@
+"""`calm-generate`, the README's first command: text from the shipped model, and clear errors for bad arguments."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from calm_transformers.cli import main
+from conftest import REPO
+
+
+def test_streams_a_continuation_of_the_prompt(capsys):
+    assert main(["The history of the city", "--max-new-tokens", "12", "--num-samples", "16", "--seed", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The history of the city")
+    assert len(text.split()) > len("The history of the city".split())  # new words were streamed after the prompt
+
+
+def test_seed_makes_the_output_reproducible(capsys):
+    runs = []
+    for _ in range(2):
+        main(["The", "--max-new-tokens", "8", "--temperature", "1.0", "--seed", "3"])
+        runs.append(capsys.readouterr().out)
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--temperature", "2"], r"temperature must be in \(0, 1\]"),
+        (["--num-samples", "0"], "num_samples"),
+        (["--device", "nowhere"], "--device nowhere is not usable here"),
+        (["--model", "./no-such-model"], "no folder at ./no-such-model"),
+        (["--model", "/no/such/model"], "no folder at /no/such/model"),
+    ],
+)
+def test_bad_arguments_say_what_is_wrong(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["Hi", "--max-new-tokens", "4", *argv])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_folder_without_a_model_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["Hi", "--model", str(tmp_path)])
+    assert f"{tmp_path} has no config.json" in capsys.readouterr().err
+
+
+def test_a_hub_id_that_cannot_be_loaded_says_so(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the Hub id cannot be fetched
+    with pytest.raises(SystemExit):
+        main(["Hi", "--model", "no-such-org/no-such-calm"])
+    assert "could not load --model no-such-org/no-such-calm" in capsys.readouterr().err
+
+
+def test_console_script_runs_the_readme_command():
+    """The installed `calm-generate` (pip install -e .), as the README's quick start runs it, in a fresh process."""
+    script = Path(sys.executable).parent / "calm-generate"
+    if not script.exists():
+        pytest.fail(f"calm-generate is not installed beside {sys.executable}: run `pip install -e .` first")
+    result = subprocess.run(
+        [str(script), "The history of the city", "--max-new-tokens", "8", "--seed", "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO.parent,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The history of the city")
