@@ -38,10 +38,12 @@ from transformers import (
 )
 
 try:  # as part of the installed package
+    from .cli import folder_problem
     from .configuration_calm import CALMAutoencoderConfig, CALMConfig
     from .evaluate_calm import evaluate_brierlm, load_documents, pack_documents
     from .modeling_calm import CALMAutoencoder, CALMForCausalLM
 except ImportError:  # run as a script (`python train_calm.py`): the modules only import as a package
+    from calm_transformers.cli import folder_problem
     from calm_transformers.configuration_calm import CALMAutoencoderConfig, CALMConfig
     from calm_transformers.evaluate_calm import evaluate_brierlm, load_documents, pack_documents
     from calm_transformers.modeling_calm import CALMAutoencoder, CALMForCausalLM
@@ -430,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_tokenizer(folder: str | None, flag: str) -> PreTrainedTokenizerFast:
     if folder is None:
         raise ValueError(f"this stage needs {flag} (a folder with a tokenizer); train one with --stage tokenizer.")
+    if problem := folder_problem(folder, needs=None):
+        raise ValueError(f"{flag}: {problem}")
     # Not AutoTokenizer: transformers 5 reads the folder's config.json first and asks about its remote code.
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
@@ -478,6 +482,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.stage == "lm":
             if args.autoencoder is None:
                 raise ValueError("--stage lm needs --autoencoder (the folder written by --stage autoencoder).")
+            if problem := folder_problem(args.autoencoder):
+                raise ValueError(f"--autoencoder: {problem}")
             tokenizer = _load_tokenizer(args.tokenizer or args.autoencoder, "--autoencoder")
             model = build_calm(CALMAutoencoder.from_pretrained(args.autoencoder), **fields)
             if args.block_size % model.config.patch_size:

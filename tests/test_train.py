@@ -153,6 +153,24 @@ def test_overrides_are_parsed_and_checked():
         stage_config_fields("lm", {"hiden_size": 64})
 
 
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--stage", "lm", "--autoencoder", "{tmp}/missing"], "--autoencoder: no folder at {tmp}/missing"),
+        (["--stage", "lm", "--autoencoder", "{tmp}"], "--autoencoder: {tmp} has no config.json"),
+        (["--stage", "autoencoder", "--tokenizer", "{tmp}/missing"], "--tokenizer: no folder at {tmp}/missing"),
+    ],
+)
+def test_cli_names_a_missing_folder(options, message, tmp_path, capsys):
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": "one short document"}) + "\n")
+    argv = ["--data", str(data), "--num-eval-docs", "0", "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        main([*argv, *(option.format(tmp=tmp_path) for option in options)])
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @contextlib.contextmanager
 def one_thread():
     """Tiny models train faster on one thread, and far faster when other work shares the cores."""
