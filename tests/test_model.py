@@ -122,6 +122,32 @@ def test_gradient_flows_through_backbone_and_head():
     assert all(not p.requires_grad for p in model.ae_model.parameters())
 
 
+def test_gradient_checkpointing_recomputes_each_layer_with_the_same_gradients():
+    """What `Trainer(gradient_checkpointing=True)` turns on: the same loss and gradients, each layer recomputed."""
+    ids = torch.randint(0, 90, (2, 16))
+
+    def loss_and_grads(checkpointing: bool) -> tuple[float, dict[str, torch.Tensor], int]:
+        model = tiny_model().train()
+        calls = []
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            for layer in model.transformer.layers:  # count the layers that go through the checkpoint function
+                checkpoint = layer._gradient_checkpointing_func
+                layer._gradient_checkpointing_func = lambda *a, _f=checkpoint, **k: calls.append(1) or _f(*a, **k)
+        torch.manual_seed(1)  # the same noise for the energy loss
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        return loss.item(), grads, len(calls)
+
+    loss, grads, _ = loss_and_grads(False)
+    checkpointed_loss, checkpointed_grads, calls = loss_and_grads(True)
+    assert calls == tiny_config().num_hidden_layers
+    assert checkpointed_loss == loss and grads.keys() == checkpointed_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_samples_share_the_hidden_state_projection(dtype):
     """sample(hidden [B, d], num_samples=N) projects each hidden state once: the same samples as N expanded copies
