@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from calm_transformers.cli import main
+from calm_transformers.cli import DEFAULT_MODEL, main
 from conftest import REPO
 
 
@@ -49,11 +50,13 @@ def test_a_folder_without_a_model_says_so(tmp_path, capsys):
     assert f"{tmp_path} has no config.json" in capsys.readouterr().err
 
 
-def test_a_hub_id_that_cannot_be_loaded_says_so(monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the Hub id cannot be fetched
+def test_a_folder_without_weights_says_what_could_not_be_loaded(tmp_path, capsys):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # the shipped model, less its weights
+        shutil.copy(DEFAULT_MODEL / name, tmp_path / name)
     with pytest.raises(SystemExit):
-        main(["Hi", "--model", "no-such-org/no-such-calm"])
-    assert "could not load --model no-such-org/no-such-calm" in capsys.readouterr().err
+        main(["Hi", "--model", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert f"could not load --model {tmp_path}" in error and "model.safetensors" in error
 
 
 def test_console_script_runs_the_readme_command():
