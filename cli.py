@@ -1,7 +1,7 @@
 """`calm-generate`: stream text from a CALM model. With no `--model`, the small CALM shipped in this package.
 
 calm-generate "The history of the city"
-calm-generate "The history of the city" --model ./my-converted-calm --temperature 0.5 --num-samples 200
+calm-generate "The history of the city" --model ./my-converted-calm --temperature 0.5 --num-candidates 200
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from .modeling_calm import CALMForCausalLM
+from .utils_calm import DTYPES
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "calm_tiny_wikitext"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def folder_problem(name: str, needs: str | None = "config.json") -> str | None:
@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prompt", nargs="?", default="The", help="text to continue (default: %(default)r)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder or Hub id (default: the shipped one)")
     parser.add_argument("--temperature", type=float, default=None, help="in (0, 1]; default: the model's (0.5)")
-    parser.add_argument("--num-samples", type=int, default=None, help="candidate chunks per step (default: 200)")
+    parser.add_argument(
+        "--num-candidates",
+        "--num-samples",
+        type=int,
+        default=None,
+        help="candidate chunks drawn per step for temperature < 1 (default: the model's, 200)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"could not load --model {args.model}: {error}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    settings = {"temperature": args.temperature, "num_samples": args.num_samples}
+    settings = {"temperature": args.temperature, "num_candidates": args.num_candidates}
     inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     if tokenizer.bos_token_id is not None and inputs.input_ids[0, 0] != tokenizer.bos_token_id:
         # The model was trained on BOS + text.

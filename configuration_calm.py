@@ -23,7 +23,7 @@ def _check_positive(config: PretrainedConfig, names: tuple[str, ...]) -> None:
 
 
 class CALMAutoencoderConfig(PretrainedConfig):
-    """The autoencoder that maps `patch_size` tokens to one `latent_size` vector and back (spec section 2)."""
+    """The autoencoder that maps `patch_size` tokens to one `latent_size` vector and back (paper section 2)."""
 
     model_type = "calm_autoencoder"
 
@@ -84,7 +84,7 @@ class CALMAutoencoderConfig(PretrainedConfig):
 class CALMConfig(PretrainedConfig):
     """CALM: a Llama backbone over chunks of `patch_size` tokens, an energy head and a frozen autoencoder.
 
-    The defaults are CALM-M (spec section 1). The Llama fields have transformers' `LlamaConfig` meaning and
+    The defaults are CALM-M (the paper's Table 1). The Llama fields have transformers' `LlamaConfig` meaning and
     are read by `LlamaModel` directly. `max_position_embeddings` counts chunks, not tokens.
     """
 
@@ -118,7 +118,6 @@ class CALMConfig(PretrainedConfig):
         num_samples: int = 8,
         num_target_samples: int = 100,
         beta: float = 1.0,
-        head_type: str = "energy",
         autoencoder_config: dict | CALMAutoencoderConfig | None = None,
         pad_token_id: int | None = LLAMA3_PAD,
         bos_token_id: int | None = LLAMA3_BOS,
@@ -149,7 +148,6 @@ class CALMConfig(PretrainedConfig):
         self.num_samples = num_samples
         self.num_target_samples = num_target_samples
         self.beta = beta
-        self.head_type = head_type
 
         # RoPE is written both ways: transformers 4.57 reads `rope_theta` / `rope_scaling`, 5.x reads
         # `rope_parameters`. A saved 5.x config may carry only `rope_parameters`.
@@ -223,10 +221,6 @@ class CALMConfig(PretrainedConfig):
             raise ValueError("num_samples (energy-loss head samples N) must be at least 2: the score compares pairs.")
         if not 0.0 < self.beta < 2.0:
             raise ValueError(f"beta must be in (0, 2) for the energy score to be strictly proper, got {self.beta}.")
-        if self.head_type != "energy":
-            raise NotImplementedError(
-                f"head_type {self.head_type!r} is not supported yet; only the energy head ('energy') is implemented."
-            )
         ae = self.autoencoder_config
         for name in ("patch_size", "latent_size", "vocab_size"):
             if getattr(ae, name) != getattr(self, name):

@@ -1,9 +1,9 @@
-"""Convert the authors' CALM checkpoints (spec section 6) into a safe, self-contained Hub model folder.
+"""Convert the authors' CALM checkpoints into a safe, self-contained Hub model folder.
 
     calm-convert --calm DIR [--autoencoder DIR] --output DIR [--tokenizer DIR] [--dtype bfloat16] \
         [--max-shard-size 5GB] [--push-to-hub REPO_ID [--private]] [--force] [--no-verify]
 
-(or `python convert_checkpoint.py ...` from the repository root).
+(or `python -m calm_transformers.convert_checkpoint ...`).
 
 Reading: the authors' training scripts save `config.json` + pickled `pytorch_model.bin` (possibly sharded); released
 Hub repos may hold safetensors instead. Pickles are only ever opened with `torch.load(..., weights_only=True)`.
@@ -31,15 +31,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-if __package__:  # imported as calm_transformers.convert_checkpoint
-    from .configuration_calm import CALMAutoencoderConfig, CALMConfig
-    from .modeling_calm import CALMAutoencoder, CALMForCausalLM
-else:  # run as `python convert_checkpoint.py`: import the folder this file is in as the package it is
-    import _script_mode
-
-    _script_mode.import_package()
-    from calm_transformers.configuration_calm import CALMAutoencoderConfig, CALMConfig
-    from calm_transformers.modeling_calm import CALMAutoencoder, CALMForCausalLM
+from .configuration_calm import CALMAutoencoderConfig, CALMConfig
+from .modeling_calm import CALMAutoencoder, CALMForCausalLM
+from .utils_calm import DTYPES, save_tokenizer
 
 # Fields of the authors' configs that are not model architecture (or that we set ourselves).
 _DROPPED_FIELDS = (
@@ -55,7 +49,6 @@ _DROPPED_FIELDS = (
 )
 AE_PREFIX = "ae_model."
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Verification compares the converted folder, loaded in a fresh process, with the source model cast to the output
 # dtype: the same code on the same weights, so the difference is normally exactly 0. float32 allows an absolute 1e-5;
 # bfloat16 / float16 allow about one unit of their precision, relative to the output's largest magnitude.
@@ -152,7 +145,7 @@ def config_from_reference(calm_config: dict[str, Any], ae_config: dict[str, Any]
             "(the diffusion and flow-matching heads of the reference code are not)."
         )
     fields = {k: v for k, v in calm_config.items() if k not in _DROPPED_FIELDS}
-    return CALMConfig(**fields, head_type="energy", autoencoder_config=autoencoder_config_from_reference(ae_config))
+    return CALMConfig(**fields, autoencoder_config=autoencoder_config_from_reference(ae_config))
 
 
 def check_calm_config(calm_config: dict[str, Any], folder: str | Path) -> None:
@@ -508,19 +501,6 @@ def load_tokenizer(folder: str | Path, calm_config: dict[str, Any]) -> Any:
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Any, folder: Path) -> None:
-    """Save the tokenizer so that both transformers 4.x and 5.x load it."""
-    tokenizer.save_pretrained(str(folder))
-    path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    # transformers 5 names its fast tokenizers "TokenizersBackend", a class 4.x lacks; both know this name.
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    for key in ("is_local", "local_files_only"):  # how it was loaded on this machine, not part of the tokenizer
-        config.pop(key, None)
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
-
 def model_card(model: CALMForCausalLM, name: str, command: str, has_tokenizer: bool) -> str:
     """README.md of the output folder: Hub metadata, what the model is, usage, and how it was converted."""
     config = model.config
@@ -574,9 +554,9 @@ print(generator("The capital of France is", max_new_tokens=32)[0]["generated_tex
 ```
 {tokenizer_note}
 Each step samples a whole chunk of {config.patch_size} tokens. `temperature` must be in (0, 1]: below 1, each step
-draws `num_samples` candidate chunks and picks one with probability proportional to its estimated probability to
+draws `num_candidates` candidate chunks and picks one with probability proportional to its estimated probability to
 the power 1/T; `temperature=1.0` draws a single chunk. The defaults (`generation_config.json`) are the authors':
-`temperature=0.5`, `num_samples=200`.
+`temperature=0.5`, `num_candidates=200`.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -584,7 +564,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)  # 5.x reads the model config
 model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
 inputs = tokenizer(["The capital of France is", "Once upon a time"], return_tensors="pt", padding=True)
-output = model.generate(**inputs, max_new_tokens=32, temperature=0.5, num_samples=200)
+output = model.generate(**inputs, max_new_tokens=32, temperature=0.5, num_candidates=200)
 print(tokenizer.batch_decode(output, skip_special_tokens=True))
 ```
 

@@ -1,4 +1,4 @@
-"""BrierLM: likelihood-free evaluation of CALM and of any causal LM of transformers on the same text (spec section 5).
+"""BrierLM: likelihood-free evaluation of CALM and of any causal LM of transformers on the same text (paper section 4).
 
 The Brier score of a predictive distribution P for the outcome y is `2 P(y) - sum_x P(x)^2` (higher is better, at
 most 1). Brier-n scores the n-gram of the next n tokens (n = 1..4); BrierLM = 100 x the geometric mean of
@@ -39,17 +39,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-if __package__:  # imported as calm_transformers.evaluate_calm
-    from .cli import device_problem, folder_problem
-    from .configuration_calm import CALMConfig
-    from .modeling_calm import BRIER_MAX_N, CALMForCausalLM
-else:  # run as `python evaluate_calm.py`: import the folder this file is in as the package it is
-    import _script_mode
-
-    _script_mode.import_package()
-    from calm_transformers.cli import device_problem, folder_problem
-    from calm_transformers.configuration_calm import CALMConfig
-    from calm_transformers.modeling_calm import BRIER_MAX_N, CALMForCausalLM
+from .cli import device_problem, folder_problem
+from .configuration_calm import CALMConfig
+from .modeling_calm import BRIER_MAX_N, CALMForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parent
 # The WikiText-103 test documents (62, one {"text": ...} per line): the validation text of the paper's BrierLM.

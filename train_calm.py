@@ -1,6 +1,6 @@
 """Train CALM with Hugging Face `Trainer`: a BPE tokenizer, the autoencoder, the energy LM, and a Llama baseline.
 
-Stages (spec sections 2 and 3), each its own run of this script:
+Stages (paper sections 2 and 3), each its own run of this script:
 
     tokenizer    byte-level BPE with the special tokens BOS, EOS and [PAD], trained on the training documents
     autoencoder  CALMAutoencoder on `BOS + text + EOS` documents, each right-padded with [PAD] to a multiple of K
@@ -10,7 +10,8 @@ Stages (spec sections 2 and 3), each its own run of this script:
 The last `--num-eval-docs` documents are held out: the autoencoder is scored by token reconstruction accuracy on
 them, the language models by BrierLM. Data-parallel training works with torchrun (gloo on CPU, NCCL on GPU):
 
-    torchrun --nproc_per_node 2 train_calm.py --stage lm --data docs.jsonl --autoencoder ae/ --output-dir lm/
+    torchrun --nproc_per_node 2 -m calm_transformers.train_calm --stage lm --data docs.jsonl \
+        --autoencoder ae/ --output-dir lm/
 """
 
 from __future__ import annotations
@@ -37,16 +38,11 @@ from transformers import (
     TrainingArguments,
 )
 
-try:  # as part of the installed package
-    from .cli import folder_problem
-    from .configuration_calm import CALMAutoencoderConfig, CALMConfig
-    from .evaluate_calm import evaluate_brierlm, load_documents, pack_documents
-    from .modeling_calm import CALMAutoencoder, CALMForCausalLM
-except ImportError:  # run as a script (`python train_calm.py`): the modules only import as a package
-    from calm_transformers.cli import folder_problem
-    from calm_transformers.configuration_calm import CALMAutoencoderConfig, CALMConfig
-    from calm_transformers.evaluate_calm import evaluate_brierlm, load_documents, pack_documents
-    from calm_transformers.modeling_calm import CALMAutoencoder, CALMForCausalLM
+from .cli import folder_problem
+from .configuration_calm import CALMAutoencoderConfig, CALMConfig
+from .evaluate_calm import evaluate_brierlm, load_documents, pack_documents
+from .modeling_calm import CALMAutoencoder, CALMForCausalLM
+from .utils_calm import code_files, save_tokenizer
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|begin_of_text|>", "<|end_of_text|>", "[PAD]"
 STAGES = ("tokenizer", "autoencoder", "lm", "ar")
@@ -128,18 +124,6 @@ def train_tokenizer(documents: list[str], vocab_size: int = 2048, min_frequency:
     )
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> None:
-    """`save_pretrained`, written so that both transformers 4.x and 5.x load it with AutoTokenizer."""
-    tokenizer.save_pretrained(folder)
-    path = Path(folder) / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    # transformers 5 writes its own class name (TokenizersBackend), unknown to 4.x; both know this one.
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    for key in ("is_local", "local_files_only"):  # where it was loaded from, not a tokenizer setting
-        config.pop(key, None)
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
-
 def _special_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int, int]:
     ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     if None in ids:
@@ -152,7 +136,7 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int, int]:
 def autoencoder_blocks(
     tokenizer: PreTrainedTokenizerFast, documents: list[str], patch_size: int, block_size: int
 ) -> torch.Tensor:
-    """The autoencoder's data (spec section 2): each document as `BOS + text + EOS`, right-padded with [PAD] to a
+    """The autoencoder's data (paper section 2): each document as `BOS + text + EOS`, right-padded with [PAD] to a
     multiple of `patch_size`, all concatenated and cut into rows of `block_size` tokens. [n_blocks, block_size].
 
     Every chunk of K tokens then lies inside one document. The last row is completed with [PAD] chunks, so that
@@ -170,7 +154,7 @@ def autoencoder_blocks(
 
 
 def lm_blocks(tokenizer: PreTrainedTokenizerFast, documents: list[str], block_size: int) -> torch.Tensor:
-    """The language models' data (spec section 3): `BOS + text` per document (no EOS), concatenated and cut into
+    """The language models' data (paper section 3): `BOS + text` per document (no EOS), concatenated and cut into
     rows of `block_size` tokens; chunk boundaries do not follow documents. [n_blocks, block_size]."""
     return pack_documents(tokenizer, documents, block_size, add_bos=True)
 
@@ -444,8 +428,8 @@ def strip_remote_code(folder: str | Path) -> None:
     Such a folder loads with `calm_transformers` installed (`CALMForCausalLM.from_pretrained(folder)`).
     """
     folder = Path(folder)
-    for name in ("configuration_calm.py", "modeling_calm.py", "generation_calm.py"):
-        (folder / name).unlink(missing_ok=True)
+    for path in code_files():
+        (folder / path.name).unlink(missing_ok=True)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config.pop("auto_map", None)

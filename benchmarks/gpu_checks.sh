@@ -14,7 +14,7 @@ OUT_DIR=${1:-${OUT:-}}
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-benchmarks/gpu}
 DEVICE=${DEVICE:-cuda}
-BENCH_ARGS=${BENCH_ARGS:---repeats 3 --max-new-tokens 64}
+BENCH_ARGS=${BENCH_ARGS:---repeats 3}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -36,9 +36,8 @@ timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest -q -rs -p no:cacheprovider tests
   | tee "$OUT_DIR/tests_cuda.log" || status=1
 
 # shellcheck disable=SC2086  # BENCH_ARGS holds several arguments
-timeout "${BENCH_TIMEOUT:-420}" "$PY" benchmarks/benchmark_generation.py --device "$DEVICE" --dtypes bfloat16 \
-  --compile reduce-overhead $BENCH_ARGS \
-  --output "$OUT_DIR/results_${DEVICE}_bf16.json" --plot "$OUT_DIR/results_${DEVICE}_bf16.png" 2>&1 \
+timeout "${BENCH_TIMEOUT:-420}" "$PY" benchmarks/benchmark_generation.py --device "$DEVICE" --dtype bfloat16 \
+  --compile reduce-overhead $BENCH_ARGS --output "$OUT_DIR/results_${DEVICE}_bf16.json" 2>&1 \
   | tee "$OUT_DIR/benchmark.log" || status=1
 
 rm -rf "$PACKAGE_PATH"

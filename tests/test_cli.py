@@ -32,7 +32,7 @@ def test_seed_makes_the_output_reproducible(capsys):
     "argv,message",
     [
         (["--temperature", "2"], r"temperature must be in \(0, 1\]"),
-        (["--num-samples", "0"], "num_samples"),
+        (["--num-candidates", "0"], "num_candidates"),
         (["--device", "nowhere"], "--device nowhere is not usable here"),
         (["--model", "./no-such-model"], "no folder at ./no-such-model"),
         (["--model", "/no/such/model"], "no folder at /no/such/model"),

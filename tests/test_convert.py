@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 from calm_transformers import convert_checkpoint as cc
+from calm_transformers.utils_calm import code_files
 from conftest import FIXTURE, REPO, require_shared
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 TOL = 1e-5  # as tests/test_parity.py
 LOSS_TOL = 2e-5  # |loss| ~ 51: float32 rounding
-CODE_FILES = {"configuration_calm.py", "modeling_calm.py", "generation_calm.py"}
+CODE_FILES = {path.name for path in code_files()}  # the model file and what it imports
 FP32_CASES = ["bin", "bin_ae", "safetensors", "safetensors_ae", "sharded", "sharded_ae"]
 
 
@@ -102,7 +103,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def converted(inputs, tmp_path_factory) -> dict:
-    """Every case converted once: "bf16" runs `python convert_checkpoint.py` from the repository root, with the
+    """Every case converted once: "bf16" runs `python -m calm_transformers.convert_checkpoint`, with the
     fresh-process verification; the others call convert() without it (the `parity` fixture loads them all)."""
     out = tmp_path_factory.mktemp("converted")
     fixture = require_shared()
@@ -121,7 +122,8 @@ def converted(inputs, tmp_path_factory) -> dict:
     script = subprocess.run(
         [
             sys.executable,
-            "convert_checkpoint.py",
+            "-m",
+            "calm_transformers.convert_checkpoint",
             "--calm",
             str(fixture / "calm"),
             "--output",
@@ -150,7 +152,7 @@ def run_main(argv: list[str]) -> dict:
 
 
 # Loads every converted folder in one fresh offline process through its own code (trust_remote_code) and computes
-# the parity outputs of tests/test_parity.py (spec section 8) from reference.pt's recorded draws.
+# the parity outputs of tests/test_parity.py (../shared/CALM_SPEC.md section 8) from reference.pt's recorded draws.
 PARITY_SCRIPT = r"""
 import json, os, sys
 import torch
@@ -295,12 +297,12 @@ def test_output_folder_is_ready_to_upload(converted):
     assert not any(p.name.startswith(".") for p in folder.parent.iterdir()), "a staging folder was left behind"
 
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "calm" and config["head_type"] == "energy"
+    assert config["model_type"] == "calm" and "head_type" not in config
     assert config["architectures"] == ["CALMForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_calm.CALMForCausalLM"
     assert "ae_path" not in config and config["autoencoder_config"]["intermediate_size"] == 160
     generation = json.loads((folder / "generation_config.json").read_text())
-    assert (generation["temperature"], generation["num_samples"], generation["do_sample"]) == (0.5, 200, True)
+    assert (generation["temperature"], generation["num_candidates"], generation["do_sample"]) == (0.5, 200, True)
 
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")

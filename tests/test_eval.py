@@ -384,11 +384,11 @@ def test_cli_errors(calm_folder, data_file, tmp_path, capsys):
 
 
 def test_cli_runs_as_a_script(calm_folder, data_file, tmp_path, monkeypatch):
-    """`python evaluate_calm.py` from the repository root (imports without the installed package) and `python -m`."""
+    """`python -m calm_transformers.evaluate_calm` in a fresh process, and run as a module in this one."""
     output = tmp_path / "script.json"
     argv = cli_args(calm_folder, data_file, max_blocks=2, output=output)
     run = subprocess.run(
-        [sys.executable, "evaluate_calm.py", *argv],
+        [sys.executable, "-m", "calm_transformers.evaluate_calm", *argv],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
 import pytest
 import torch
-from calm_transformers.generation_calm import ShortlistArgmax, align_prompts, plain_argmax, temperature_sampling
+from calm_transformers.generation_calm import align_prompts, temperature_sampling
 from conftest import DEVICES, on_device, require_torch_compile, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -64,7 +65,7 @@ def test_batched_candidate_pools_equal_one_by_one(model):
     """With do_sample=False the pick is deterministic given the pool: batched == one-by-one at T < 1 too."""
     prompts = [[5, 6, 7, 8, 9], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]]
     table = noise_table(2, 4, pool=12)
-    kwargs = dict(max_new_tokens=12, do_sample=False, num_samples=12, eos_token_id=None)
+    kwargs = dict(max_new_tokens=12, do_sample=False, num_candidates=12, eos_token_id=None)
     ids, mask = left_pad(prompts)
     batched = model.generate(ids, attention_mask=mask, noise_sampler=replay(table, [0, 1]), **kwargs)
     for row, prompt in enumerate(prompts):
@@ -92,7 +93,7 @@ def test_static_cache_gives_the_dynamic_caches_tokens(model, temperature, device
     model = on_device(model, device)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34, 35]]
     table = noise_table(len(prompts), 6, pool=1 if temperature == 1.0 else 16)
-    kwargs = dict(max_new_tokens=22, temperature=temperature, num_samples=16, eos_token_id=None)
+    kwargs = dict(max_new_tokens=22, temperature=temperature, num_candidates=16, eos_token_id=None)
     for ids, mask in (left_pad(prompts), (torch.tensor([prompts[0][:8]] * 3), None)):
         ids, mask = ids.to(device), mask if mask is None else mask.to(device)
         outputs = [
@@ -290,7 +291,7 @@ def test_return_dict_and_generation_config(model):
 
 
 def test_seeded_generation_is_reproducible(model):
-    kwargs = dict(max_new_tokens=8, temperature=0.5, num_samples=16, eos_token_id=None)
+    kwargs = dict(max_new_tokens=8, temperature=0.5, num_candidates=16, eos_token_id=None)
     torch.manual_seed(3)
     a = model.generate(torch.tensor([[5, 6, 7, 8]]), **kwargs)
     torch.manual_seed(3)
@@ -303,11 +304,11 @@ def test_saved_generation_config_has_calm_defaults(tmp_path, model):
     from transformers import GenerationConfig
 
     saved = GenerationConfig.from_pretrained(tmp_path)
-    assert saved.temperature == 0.5 and saved.num_samples == 200 and saved.do_sample
+    assert saved.temperature == 0.5 and saved.num_candidates == 200 and saved.do_sample
     reloaded = type(model).from_pretrained(tmp_path)
-    reloaded.generation_config.num_samples = 7
+    reloaded.generation_config.num_candidates = 7
     reloaded.save_pretrained(tmp_path / "again")
-    assert GenerationConfig.from_pretrained(tmp_path / "again").num_samples == 7
+    assert GenerationConfig.from_pretrained(tmp_path / "again").num_candidates == 7
 
 
 @pytest.mark.parametrize(
@@ -315,11 +316,10 @@ def test_saved_generation_config_has_calm_defaults(tmp_path, model):
     [
         (dict(temperature=1.5), r"temperature must be in \(0, 1\]"),
         (dict(temperature=0.0), r"temperature must be in \(0, 1\]"),
-        (dict(num_samples=0), "num_samples"),
+        (dict(num_candidates=0), "num_candidates"),
+        (dict(num_samples=0), "num_candidates"),  # the earlier name of the same setting
         (dict(num_beams=2), "num_beams"),
         (dict(prompt_alignment="middle"), "prompt_alignment"),
-        (dict(shortlist_size=1), "shortlist_size must be 0"),
-        (dict(shortlist_size=-3), "shortlist_size must be 0"),
         (dict(temperature_sampler="approximate"), "temperature_sampler must be 'pool'"),
         (dict(cache_implementation="offloaded"), "cache_implementation None or 'dynamic'"),
         (dict(foo=1), "foo"),
@@ -384,7 +384,7 @@ def test_generate_with_the_exact_sampler():
     with torch.no_grad():
         model.generative_head.noise_embd.weight.zero_()
     prompt = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
-    settings = dict(max_new_tokens=12, temperature=0.4, num_samples=16, eos_token_id=None)
+    settings = dict(max_new_tokens=12, temperature=0.4, num_candidates=16, eos_token_id=None)
     exact = model.generate(prompt, temperature_sampler="exact", generator=torch.Generator().manual_seed(3), **settings)
     pool = model.generate(prompt, generator=torch.Generator().manual_seed(3), **settings)
     assert exact.shape == (2, 5 + 12) and not torch.equal(exact[0, 5:], exact[1, 5:])
@@ -481,500 +481,115 @@ def test_bfloat16_generation(tmp_path, model):
     assert bf16.dtype == torch.bfloat16
     torch.manual_seed(0)
     prompt = torch.tensor([[5, 6, 7, 8, 9]], device=bf16.device)  # device_map="auto": a GPU where there is one
-    out = bf16.generate(prompt, max_new_tokens=9, temperature=0.5, num_samples=32, eos_token_id=None)
+    out = bf16.generate(prompt, max_new_tokens=9, temperature=0.5, num_candidates=32, eos_token_id=None)
     assert out.shape == (1, 14) and out.dtype == torch.long
 
 
-# --- the fast candidate decode is exact ----------------------------------------------------------------------------
+# --- the pool decode is exact ----------------------------------------------------------------------------------
 
 
 def test_identical_chunks_matches_full_decode():
-    from calm_transformers.generation_calm import identical_chunks, plain_argmax
+    """Token by token, only shared prefixes decoded further: the same `same` matrix as decoding every candidate in
+    full, with fewer states projected onto the vocabulary."""
+    from calm_transformers.generation_calm import identical_chunks
 
     torch.manual_seed(0)
     weight = torch.randn(7, 5)  # a 7-token vocabulary: many shared prefixes and duplicate chunks
-
-    def argmax_tokens(states):
-        return torch.nn.functional.linear(states, weight).argmax(-1)
-
     projected = []
 
-    def counting(states):
+    def argmax_tokens(states):
         projected.append(states.shape[0])
-        return argmax_tokens(states)
-
-    states = torch.randn(3, 40, 4, 5)
-    states[:, 5:10] = states[:, :1]  # exact duplicates
-    tokens = argmax_tokens(states)  # [3, 40, 4]
-    expected = (tokens.unsqueeze(2) == tokens.unsqueeze(1)).all(-1)
-    decoded = []
-
-    def token_states(chunk_states, positions):  # a "chunk state" here is its K token states side by side
-        decoded.append(chunk_states.unflatten(-1, (4, 5))[:, positions])
-        return decoded[-1]
-
-    same, decoded_tokens = identical_chunks(
-        states.flatten(-2), token_states, 4, lambda s, a: plain_argmax(s, a, counting)
-    )
-    assert torch.equal(same, expected)
-    assert torch.equal(decoded_tokens[decoded_tokens >= 0], tokens[decoded_tokens >= 0])  # what it decoded is right
-    assert bool((decoded_tokens[..., 0] >= 0).all())  # and every candidate's first token was decoded
-    assert sum(projected) < 3 * 40 * 4  # it projected fewer states than the full decode
-    assert len(decoded) == 2 and decoded[0].shape == (3 * 40, 1, 5)  # first tokens, then the later ones at once
-
-
-def test_identical_chunks_decodes_the_likely_choice_in_the_first_pass():
-    """`complete` names one candidate per row: its later tokens ride along with the pool's first tokens (same
-    argmax call) when that call projects onto the whole vocabulary, and are left to `complete_chunks` when not."""
-    from calm_transformers.generation_calm import certified_argmax, identical_chunks, plain_argmax
-
-    torch.manual_seed(0)
-    weight = torch.randn(400, 5)  # a large vocabulary: most candidates are unique after their first token
-    states = torch.randn(2, 12, 4, 5)
-    states[1, 3:5] = states[1, 2]  # candidates 2, 3 and 4 of row 1 are one chunk: decoded to the end anyway
-    tokens = torch.nn.functional.linear(states, weight).argmax(-1)  # [2, 12, 4]
-    calls = []
-
-    def argmax_tokens(flat):
-        calls.append(flat.shape[0])
-        return torch.nn.functional.linear(flat, weight).argmax(-1)
-
-    def token_states(chunk_states, positions):
-        return chunk_states.unflatten(-1, (4, 5))[:, positions]
-
-    complete = torch.tensor([7, 3])
-    same, decoded = identical_chunks(
-        states.flatten(-2), token_states, 4, lambda s, a, **k: plain_argmax(s, a, argmax_tokens, **k), complete
-    )
-    assert torch.equal(same, (tokens.unsqueeze(2) == tokens.unsqueeze(1)).all(-1))
-    assert torch.equal(decoded[torch.arange(2), complete], tokens[torch.arange(2), complete])  # whole chunks
-    assert calls[0] == 2 * 12 + 2 * 3  # first tokens and the two likely choices' later tokens: one pass
-
-    # A shortlist that certifies every active state makes no full pass: optional states are then left undecoded.
-    norm = float(weight.norm(dim=-1).max())
-    pool = (3 * weight[11] + 0.001 * torch.randn(1, 6, 5)).clone()  # [1, 6, a]: five agreeing candidates
-    pool[0, 5] = torch.randn(5)  # and one optional state elsewhere
-    active = torch.tensor([[True] * 5 + [False]])
-    calls.clear()
-    found = certified_argmax(pool, active, weight, norm, argmax_tokens, 16, optional=~active)
-    assert calls == [] and found[0].tolist() == [11] * 5 + [-1]
-    pool[0, 4] = torch.randn(5)  # an active state the certificate cannot settle: the optional one comes along
-    found = certified_argmax(pool, active, weight, norm, argmax_tokens, 16, optional=~active)
-    assert calls == [2] and torch.equal(found, torch.nn.functional.linear(pool, weight).argmax(-1))
-
-
-def test_sample_from_pool_inverts_the_weights_at_the_uniform_draw():
-    """T = 1/2, chunks A x3, B x2, C x1: weights 3 : 1 : 0 on the first-seen copies of A and B."""
-    from calm_transformers.generation_calm import sample_from_pool
-
-    chunks = torch.tensor([0, 1, 0, 1, 2, 0])  # A B A B C A
-    same = (chunks[:, None] == chunks[None, :]).expand(5, -1, -1)
-    uniform = torch.tensor([0.0, 0.5, 0.7499, 0.75, 1 - 2.0**-53], dtype=torch.float64)
-    assert sample_from_pool(same, 0.5, uniform=uniform).tolist() == [0, 0, 0, 1, 1]  # never C (weight 0)
-    unique = torch.eye(8, dtype=torch.bool).expand(3, -1, -1)  # all unique: uniform over the 8 candidates
-    uniform = torch.tensor([0.0, 0.51, 0.99], dtype=torch.float64)
-    assert sample_from_pool(unique, 0.5, uniform=uniform).tolist() == [0, 4, 7]
-    # floor(u N): what `_next_chunk` expects the pick of an all-unique pool to be, before decoding the pool
-    for size, draws in ((7, 5000), (200, 500)):
-        uniform = torch.rand(draws, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
-        unique = torch.eye(size, dtype=torch.bool).expand(len(uniform), -1, -1)
-        assert torch.equal(sample_from_pool(unique, 0.5, uniform=uniform), (uniform * size).long())
-
-
-def test_next_chunk_decodes_the_chosen_unique_chunk_in_the_pool_pass(monkeypatch):
-    """Diverse candidates: the choice is the one drawn for an all-unique pool, decoded in the same pass as the
-    pool's first tokens, so a T = 0.5 step projects onto the vocabulary once."""
-    model = tiny_model(vocab_size=500)
-    with torch.no_grad():
-        model.ae_model.encoder.embed_tokens.weight.normal_()
-    torch.manual_seed(0)
-    hidden = torch.randn(2, model.config.hidden_size)
-    noise = torch.rand(2, 6, model.config.noise_size) - 0.5
-    with torch.no_grad():
-        latents = model.generative_head.sample(hidden.unsqueeze(1).expand(2, 6, -1), noise)
-        candidates = model.ae_model.decode_tokens(latents.unsqueeze(2))  # [2, 6, K]
-    first = candidates[..., 0]
-    assert bool(((first.unsqueeze(2) == first.unsqueeze(1)).sum(-1) == 1).all())  # the premise: all unique
-    calls = []
-    argmax_tokens = model.ae_model.argmax_tokens
-    monkeypatch.setattr(model.ae_model, "argmax_tokens", lambda s: calls.append(s.shape[0]) or argmax_tokens(s))
-    for seed in range(4):
-        calls.clear()
-        chunk = model._next_chunk(
-            hidden, 6, 0.5, True, torch.Generator().manual_seed(seed), lambda shape, device, dtype: noise
-        )
-        choice = temperature_sampling(candidates, 0.5, generator=torch.Generator().manual_seed(seed))
-        assert torch.equal(chunk, candidates[torch.arange(2), choice])
-        assert calls == [2 * 6 + 2 * (model.config.patch_size - 1)]
-
-
-def test_token_states_are_the_decoders_states():
-    """`chunk_state` + `token_states(positions)`, the token-at-a-time decode of candidate pools, is the decoder's
-    forward pass, on any subset of rows and positions."""
-    decoder = tiny_model().ae_model.decoder
-    latents = torch.randn(6, 2, decoder.latent_to_hidden.in_features)  # [B, P, l]
-    with torch.no_grad():
-        states = decoder(latents).unflatten(1, (2, decoder.patch_size))  # [B, P, K, a]
-        chunk = decoder.chunk_state(latents)  # [B, P, a]
-        assert torch.equal(decoder.token_states(chunk), states)
-        for positions in (slice(0, 1), slice(1, None), slice(2, 3)):
-            torch.testing.assert_close(decoder.token_states(chunk, positions), states[:, :, positions])
-            torch.testing.assert_close(decoder.token_states(chunk[1::2], positions), states[1::2, :, positions])
-
-
-def test_complete_chunks_decodes_only_the_missing_tokens_in_one_call():
-    from calm_transformers.generation_calm import complete_chunks
-
-    weight = torch.randn(11, 5)
-    chunk_states = torch.randn(3, 4 * 5)  # [B, K*a]: a chunk state here is its token states side by side
-
-    def token_states(chunks, positions):
-        return chunks.unflatten(-1, (4, 5))[:, positions]
-
-    calls = []
-
-    def argmax_tokens(states):
-        calls.append(states.shape[0])
         return torch.nn.functional.linear(states, weight).argmax(-1)
 
-    full = argmax_tokens(chunk_states.unflatten(-1, (4, 5)))  # [B, K]
-    calls.clear()
-    partial = full.clone()
-    partial[0, 1:] = -1  # unique after its first token
-    partial[2, 3:] = -1
-    assert torch.equal(complete_chunks(partial, chunk_states, token_states, argmax_tokens), full)
-    assert calls == [4]  # the 3 + 1 missing tokens, together
-    assert torch.equal(complete_chunks(full, chunk_states, token_states, argmax_tokens), full) and calls == [4]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_rows", [3, 64, 65, 700])
-def test_argmax_tokens_equals_full_logits_argmax(dtype, num_rows, device):
-    """Blocked over rows and vocabulary: the argmax of the full logits, the first maximum on ties."""
-    ae = tiny_model().ae_model.to(device, dtype)
-    weight = ae.encoder.embed_tokens.weight
-    with torch.no_grad():
-        weight[40] = weight[7]  # token 40 always ties with token 7: 7 must win
-        weight[61] = weight[60]
-    states = torch.randn(num_rows, weight.shape[1], dtype=dtype, device=device)
-    states[: num_rows // 3] = weight[7] + 0.01 * states[: num_rows // 3]  # rows whose argmax is 7 (tied with 40)
-    expected = torch.nn.functional.linear(states, weight).argmax(-1)
-    assert bool((expected == 7).any())
-    for blocks in ({}, {"vocab_block": 7, "rows_per_matmul": 5}, {"vocab_block": 40, "rows_per_matmul": 64}):
-        assert torch.equal(ae.argmax_tokens(states, **blocks), expected), blocks
-    copies = 2**20 // (num_rows * weight.shape[0]) + 1  # over 2^20 logits: blocks by default, 2048 rows at a time
-    assert torch.equal(ae.argmax_tokens(states.repeat(copies, 1)), expected.repeat(copies))
-    assert ae.argmax_tokens(states[:0]).shape == (0,)  # nothing to decode (a pool position with no candidate left)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_state_is_projected_by_mv(dtype, monkeypatch):
-    """One state: `torch.mv` (a one-column matmul is slow on CPU in bf16), the logits and argmax of the batched
-    product, the first maximum on ties; the certificate's probe goes the same way."""
-    from calm_transformers.generation_calm import certified_argmax
-    from calm_transformers.modeling_calm import vocab_logits
-
-    ae = tiny_model().ae_model.to(dtype)
-    weight = ae.encoder.embed_tokens.weight
-    with torch.no_grad():
-        weight[40] = weight[7]  # ties with token 7: 7 must win
-    states = weight[7] + 0.01 * torch.randn(3, weight.shape[1], dtype=dtype)  # argmax 7
-    calls = []
-    mv = torch.mv
-    monkeypatch.setattr(torch, "mv", lambda *args: calls.append(args[0].shape) or mv(*args))
-    batched = weight @ states.T  # [V, 3]
-    torch.testing.assert_close(vocab_logits(weight, states[1:2]), batched[:, 1:2])
-    assert calls == [weight.shape] and vocab_logits(weight, states).shape == batched.shape and len(calls) == 1
-    assert ae.argmax_tokens(states[:1]).tolist() == [7] and len(calls) == 2
-    norm = torch.linalg.vector_norm(weight.float(), dim=-1).max().item()
-    active = torch.ones(1, 3, dtype=torch.bool)
-    found = certified_argmax(states[None], active, weight, norm, ae.argmax_tokens, shortlist_size=8)
-    assert found.tolist() == [[7, 7, 7]] and len(calls) == 3  # one probe
-
-
-@pytest.mark.parametrize("run", [64, 5, 1])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_keep_first_maximum_on_signs_zeros_and_ties(dtype, run):
-    """The running argmax reduces on the logits' bits as integers where that is exact (positive maxima) and on
-    floats elsewhere: all-negative columns, a maximum of 0 reached first by -0, ties inside and across blocks and
-    runs, blocks that end inside a run."""
-    from calm_transformers.modeling_calm import bits_amax, keep_first_maximum
-
-    nan = float("nan")
-    blocks = [  # two vocabulary blocks of 3 tokens, one row per case
-        [[-3.0, -1.0, -2.0], [-0.0, -1.0, 0.0], [1.0, 5.0, 5.0], [2.0, 1.0, 2.0], [-5.0, -4.0, -4.0], [7.0, 1.0, 2.0]],
-        [[-1.0, -1.5, -0.5], [0.0, -2.0, 0.0], [5.0, 6.0, 6.0], [2.0, 1.5, 1.0], [-4.0, -9.0, -9.0], [nan, 1.0, 3.0]],
-    ]
-    logits = torch.tensor(blocks, dtype=dtype)  # [blocks, cases, 3]
-    best_value = torch.full((6,), float("-inf"), dtype=dtype)
-    best_index = torch.zeros(6, dtype=torch.long)
-    for b in range(2):
-        keep_first_maximum(best_value, best_index, torch.arange(6), logits[b].T, 3 * b, run)  # [3 tokens, 6 cases]
-    full = torch.cat(list(logits), dim=-1)  # [cases, 6]
-    assert best_index[:5].tolist() == full[:5].argmax(-1).tolist() == [5, 0, 4, 0, 1]
-    assert best_index[5] == 0  # NaN logits are not a maximum: the case keeps its best number
-
-    torch.manual_seed(0)  # mixed signs at random, across 5 blocks of 37 tokens; ties from a coarse grid
-    scores = (torch.randn(300, 185) * 4).round().to(dtype) - torch.linspace(-3, 3, 300)[:, None].round().to(dtype)
-    best_value = torch.full((300,), float("-inf"), dtype=dtype)
-    best_index = torch.zeros(300, dtype=torch.long)
-    for start in range(0, 185, 37):
-        keep_first_maximum(best_value, best_index, torch.arange(300), scores[:, start : start + 37].T, start, run)
-    assert torch.equal(best_index, scores.argmax(-1))
-    assert torch.equal(best_value, scores.amax(-1))
-    columns = torch.arange(0, 300, 7)  # a subset of the states: only theirs change
-    best_value = torch.full((300,), float("-inf"), dtype=dtype)
-    best_index = torch.full((300,), -1)
-    keep_first_maximum(best_value, best_index, columns, scores[columns].T, 0, run)
-    assert torch.equal(best_index[columns], scores[columns].argmax(-1))
-    assert int((best_index >= 0).sum()) == len(columns)
-    for dim in (0, 1):
-        assert torch.equal(bits_amax(scores, dim), scores.amax(dim))
-        assert torch.equal(bits_amax(scores.abs() + 1, dim), (scores.abs() + 1).amax(dim))  # all positive: on bits
-
-
-def _pool_states(agree: bool, dtype=torch.float32, rows: int = 3, candidates: int = 50):
-    """Decoder states of candidate pools: near copies of one state per row (a confident trained model), or diverse."""
-    ae = tiny_model(vocab_size=500).ae_model
-    with torch.no_grad():
-        ae.encoder.embed_tokens.weight.normal_()  # trained embeddings are far from the 0.02-std initialisation
-    ae = ae.to(dtype)
-    weight = ae.encoder.embed_tokens.weight
-    base = 3 * weight[torch.tensor([11, 250, 499])][:rows, None]  # [R, 1, a]: a clear favourite token per row
-    spread = 0.02 if agree else 3.0
-    states = (base + spread * torch.randn(rows, candidates, weight.shape[1])).to(dtype)
-    return ae, weight, states
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("agree", [True, False])
-def test_certified_argmax_equals_plain(agree, dtype):
-    from calm_transformers.generation_calm import certified_argmax, plain_argmax
-
-    torch.manual_seed(0)
-    ae, weight, states = _pool_states(agree, dtype)
-    active = torch.rand(states.shape[:2]) < 0.8
-    active[2] = False  # a row with nothing to decode
-    projected = []
-
-    def counting(x):
-        projected.append(x.shape[0])
-        return ae.argmax_tokens(x)
-
-    norm = torch.linalg.vector_norm(weight, dim=-1, dtype=torch.float32).max().item()
-    tokens = certified_argmax(states, active, weight, norm, counting, shortlist_size=16)
-    assert torch.equal(tokens, plain_argmax(states, active, ae.argmax_tokens))
-    assert bool((tokens[~active] == -1).all())
-    if agree:
-        assert sum(projected) == 0  # every candidate certified from the shortlist
-    else:
-        assert sum(projected) > 0.5 * int(active.sum())  # the certificate fails and falls back
-
-
-def test_certified_argmax_ties_and_whole_vocabulary_shortlist():
-    from calm_transformers.generation_calm import certified_argmax, plain_argmax
-
-    ae, weight, states = _pool_states(True)
-    with torch.no_grad():
-        weight[12] = weight[11]  # row 0's favourite has an exact twin with a higher id
-    norm = torch.linalg.vector_norm(weight, dim=-1).max().item()
-    active = torch.ones(states.shape[:2], dtype=torch.bool)
-    plain = plain_argmax(states, active, ae.argmax_tokens)
-    assert bool((plain[0] == 11).all())
-    for size in (16, 500, 10_000):  # the shortlist may cover the whole vocabulary
-        assert torch.equal(certified_argmax(states, active, weight, norm, ae.argmax_tokens, size), plain)
-
-
-def test_shortlist_argmax_backs_off_when_it_does_not_pay():
-    from calm_transformers.generation_calm import ShortlistArgmax
-
-    ae, _, diverse = _pool_states(False)
-    _, _, agreeing = _pool_states(True)
-    active = torch.ones(diverse.shape[:2], dtype=torch.bool)
-    decode = ShortlistArgmax(ae, shortlist_size=16, backoff=2)
-    decode(agreeing, active)
-    assert decode.certified == decode.requested == active.numel() and decode.skip == 0
-    decode(diverse, active)  # fails the certificate: the next two calls project in full
-    assert decode.skip == 2 and decode.certified < decode.requested
-    requested = decode.requested
-    decode(agreeing, active), decode(agreeing, active)
-    assert decode.requested == requested and decode.skip == 0
-    decode(agreeing, active)
-    assert decode.requested == requested + active.numel()
-    for skip in (2, 4, 8):  # failures in a row double the back-off
-        decode(diverse, active)
-        assert decode.skip == skip
-        for _ in range(skip):
-            decode(agreeing, active)
-        assert decode.skip == 0
-    decode(agreeing, active)  # a call that pays resets it
-    decode(diverse, active)
-    assert decode.skip == 2
-
-
-def test_shortlist_argmax_projects_few_states_in_full():
-    """At most min_states active states: projected in full without a probe (as costly as projecting them), same
-    tokens; more: the shortlist is tried."""
-    ae, _, agreeing = _pool_states(True)
-    decode = ShortlistArgmax(ae, shortlist_size=16, min_states=20)
-    few = torch.zeros(agreeing.shape[:2], dtype=torch.bool)
-    few[0, :12], few[2, :8] = True, True  # 20 states
-    expected = plain_argmax(agreeing, few, ae.argmax_tokens)
-    assert torch.equal(decode(agreeing, few), expected)
-    assert decode.requested == decode.certified == 0 and decode.skip == 0
-    few[1, 0] = True  # 21 states
-    assert torch.equal(decode(agreeing, few), plain_argmax(agreeing, few, ae.argmax_tokens))
-    assert decode.requested == decode.certified == 21
+    states = torch.randn(3, 40, 4, 5)  # [B, N, K, a]
+    states[:, 5:10] = states[:, :1]  # exact duplicates
+    tokens = torch.nn.functional.linear(states, weight).argmax(-1)  # [3, 40, 4]
+    same, decoded = identical_chunks(states, argmax_tokens)
+    assert torch.equal(same, (tokens.unsqueeze(2) == tokens.unsqueeze(1)).all(-1))
+    assert torch.equal(decoded[decoded >= 0], tokens[decoded >= 0])  # what it decoded is right
+    assert bool((decoded[..., 0] >= 0).all())  # every candidate's first token is decoded
+    assert projected[0] == 3 * 40 and sum(projected) < 3 * 40 * 4  # fewer states than the full decode
+    one, first = identical_chunks(states[:, :1], argmax_tokens)  # a pool of one: its first token, nothing more
+    assert bool(one.all()) and torch.equal(first[..., 0], tokens[:, :1, 0]) and bool((first[..., 1:] < 0).all())
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature,do_sample", [(0.5, True), (1 / 3, True), (0.4, True), (0.5, False)])
-def test_fast_pool_decode_equals_plain_path(model, temperature, do_sample, device):
-    """Same draws, same tokens: the prefix-group decode against decoding every candidate in full."""
+def test_pool_decode_equals_decoding_every_candidate(model, temperature, do_sample, device):
+    """Same draws, same tokens: the pool path of a generation step against decoding all candidates in full and
+    picking with `temperature_sampling` (the same generator seed)."""
+    from transformers import GenerationConfig
+
     model = on_device(model, device)
     hidden = torch.randn(3, model.config.hidden_size).to(device)
     noise = (torch.rand(3, 64, model.config.noise_size) - 0.5).to(device)
-    fast = model._next_chunk(
-        hidden, 64, temperature, do_sample, torch.Generator(device).manual_seed(5), lambda shape, device, dtype: noise
-    )
+    config = GenerationConfig(temperature=temperature, do_sample=do_sample)
+    config.num_candidates, config.temperature_sampler = 64, "pool"
     with torch.no_grad():
+        chunk = model._draw_chunk(
+            hidden, config, torch.Generator(device).manual_seed(5), lambda shape, device, dtype: noise
+        )
         latents = model.generative_head.sample(hidden.unsqueeze(1).expand(3, 64, -1), noise)
         candidates = model.ae_model.decode_tokens(latents.unsqueeze(2))  # [3, 64, K]
     choice = temperature_sampling(candidates, temperature, do_sample, torch.Generator(device).manual_seed(5))
-    assert torch.equal(fast, candidates[torch.arange(3, device=device), choice])
-    shortlist = model._next_chunk(
-        hidden,
-        64,
-        temperature,
-        do_sample,
-        torch.Generator(device).manual_seed(5),
-        lambda shape, device, dtype: noise,
-        ShortlistArgmax(model.ae_model, shortlist_size=8),
-    )
-    assert torch.equal(shortlist, fast)
+    assert torch.equal(chunk, candidates[torch.arange(3, device=device), choice])
+
+
+def test_sample_from_pool_weights_are_binomial_coefficients():
+    """T = 1/2, chunks A x3, B x2, C x1: weights C(3, 2) = 3 : C(2, 2) = 1 : 0, on the first-seen copies."""
+    from calm_transformers.generation_calm import sample_from_pool
+
+    chunks = torch.tensor([0, 1, 0, 1, 2, 0])  # A B A B C A
+    same = (chunks[:, None] == chunks[None, :]).expand(8000, -1, -1)
+    picked = sample_from_pool(same, 0.5, generator=torch.Generator().manual_seed(0))
+    assert set(picked.tolist()) == {0, 1}  # first-seen copies only, never C
+    assert abs((picked == 0).double().mean().item() - 0.75) < 0.02
+
+
+def test_token_states_are_the_decoders_states():
+    """`chunk_state` then `token_states`, as a generation step decodes its pool, is the decoder's forward pass."""
+    decoder = tiny_model().ae_model.decoder
+    latents = torch.randn(6, 2, decoder.latent_to_hidden.in_features)  # [B, P, l]
+    with torch.no_grad():
+        states = decoder(latents).unflatten(1, (2, decoder.patch_size))  # [B, P, K, a]
+        assert torch.equal(decoder.token_states(decoder.chunk_state(latents)), states)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("agree", [True, False])
-def test_generate_with_and_without_shortlist(agree, monkeypatch, device):
-    """The default shortlist decode against shortlist_size=0 (every pool projected in full): same seed, same
-    tokens, on a model whose candidates agree (a confident head) and on one whose candidates are diverse."""
-    from calm_transformers import generation_calm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [1, 3, 65, 700])
+def test_vocab_argmax_equals_full_logits_argmax(dtype, num_rows, device):
+    """Blocked over the vocabulary: the argmax of the full logits, the first maximum on ties within and across
+    blocks."""
+    from calm_transformers.utils_calm import vocab_argmax
 
-    decoders = []
-    monkeypatch.setattr(
-        generation_calm, "ShortlistArgmax", lambda *a, **k: decoders.append(ShortlistArgmax(*a, **k)) or decoders[-1]
-    )
-    model = tiny_model(vocab_size=500)
+    ae = tiny_model().ae_model.to(device, dtype)
+    weight = ae.encoder.embed_tokens.weight
     with torch.no_grad():
-        model.ae_model.encoder.embed_tokens.weight.normal_()
-        if agree:  # the head's sample barely depends on its noise: near copies of one latent per step
-            model.generative_head.final_layer.linears[-1].weight.mul_(0.01)
-            model.generative_head.final_layer.linears[-1].bias.normal_(0, 3)
-    model, prompt = model.to(device), torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]], device=device)
-    outputs = [
-        model.generate(
-            prompt,
-            max_new_tokens=24,
-            temperature=0.5,
-            num_samples=32,
-            eos_token_id=None,
-            shortlist_size=size,
-            generator=torch.Generator(device).manual_seed(1),
-        )
-        for size in (0, 8, 64)
-    ]
-    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
-    assert len(decoders) == 2  # shortlist_size=0 projects in full
-    for decoder in decoders:
-        if agree:
-            assert decoder.certified == decoder.requested > 0
-        else:
-            assert decoder.certified < 0.2 * decoder.requested
+        weight[40] = weight[7]  # token 40 always ties with token 7 (another block for block sizes <= 40): 7 wins
+        weight[61] = weight[60]  # a tie inside a block
+    states = torch.randn(num_rows, weight.shape[1], dtype=dtype, device=device)
+    states[: max(1, num_rows // 3)] = weight[7] + 0.01 * states[: max(1, num_rows // 3)]  # argmax 7, tied with 40
+    expected = torch.nn.functional.linear(states, weight).argmax(-1)
+    assert bool((expected == 7).any())
+    for block_size in (7, 40, 16384):
+        assert torch.equal(vocab_argmax(states, weight, block_size), expected), block_size
+    assert torch.equal(ae.argmax_tokens(states.unsqueeze(0)), expected.unsqueeze(0))  # any leading shape
+    assert ae.argmax_tokens(states[:0]).shape == (0,)  # nothing to decode
 
 
-def test_cached_projection_values_follow_weight_changes():
-    """max_v |w_v| and the bf16 screen of a float32 model (each a read of the whole weight, cached) are recomputed
-    when the weight changes in place: stale copies would give wrong bounds and wrong tokens."""
-    ae, weight, states = _pool_states(False)
-    first = ae.max_row_norm()
-    assert first == pytest.approx(weight.norm(dim=-1).max().item())
-    flat = states.reshape(-1, states.shape[-1])
-    assert torch.equal(ae.argmax_tokens(flat), flat.matmul(weight.T).argmax(-1))
-    with torch.no_grad():
-        weight[3] *= 10
-        weight[7] = -weight[7]
-    assert ae.max_row_norm() == pytest.approx(weight.norm(dim=-1).max().item()) != first
-    assert torch.equal(ae.argmax_tokens(flat), flat.matmul(weight.T).argmax(-1))
-    if "bf16_weight" in ae.__dict__.get("_projection_cache", {}):  # the screen ran (a CPU with bf16 units)
-        assert torch.equal(ae._cached("bf16_weight", None), weight.to(torch.bfloat16))
-    assert "_projection_cache" in ae.__dict__
-    ae.to(torch.float64)  # moving or casting the model drops the copies (the bf16 screen: 131 MB at CALM-M shapes)
-    assert "_projection_cache" not in ae.__dict__
-    assert ae.max_row_norm() == pytest.approx(ae.encoder.embed_tokens.weight.norm(dim=-1).max().item())
-
-
-@pytest.mark.parametrize("num_rows", [1, 5, 64, 300])
-def test_screened_argmax_equals_float32_argmax(num_rows):
-    """The bf16 screen with float32 rescoring gives the float32 argmax: on exact ties (the lower id wins), where
-    bf16 cannot tell the best tokens apart, and where bf16 ranks the two best tokens the wrong way round (the
-    float32 winner's block is then not the block of the best bf16 score: only the error bound keeps it)."""
-    from calm_transformers.modeling_calm import screened_argmax
-
-    torch.manual_seed(num_rows)
-    weight = torch.nn.functional.normalize(torch.randn(500, 16), dim=-1).bfloat16().float()  # bf16-exact rows
-    weight[300] = weight[20]  # an exact tie across blocks: 20 must win
-    weight[450] = weight[77] * (1 + 2**-12)  # the same row in bf16, but it scores higher in float32
-    weight[140] = weight[77] * (1 - 2**-12)
-    states = torch.randn(num_rows, 16)
-    states[::3] = 4 * weight[77] + 0.01 * states[::3]  # float32 argmax 450; bf16 alone would say 77
-    states[1::3] = 4 * weight[20] + 0.01 * states[1::3]  # argmax 20, tied with 300
-
-    # Rows 10 and 480 near row 5, such that for the state 4 * row 5, float32 prefers 480 and bf16 prefers 10.
-    probe = 4 * weight[5]
-    for _ in range(10000):
-        rival, winner = weight[5] + 2e-3 * torch.randn(2, 16)
-        exact = torch.stack([rival, winner]) @ probe
-        approx = (torch.stack([rival, winner]).bfloat16() @ probe.bfloat16()).float()
-        if exact[1] > exact[0] and approx[0] > approx[1]:
-            break
-    else:
-        raise AssertionError("no pair that bf16 ranks the wrong way round")
-    weight[10], weight[480], weight[5] = rival, winner, -weight[5]
-    states[2::3] = probe
-
-    expected = (states @ weight.T).argmax(-1)
-    assert bool((expected[2::3] == 480).all())
-    max_row_norm = weight.norm(dim=-1).max().item()
-    for vocab_block in (7, 64, 1024):
-        for rows_per_matmul in (3, 512):
-            tokens = screened_argmax(
-                states, weight, weight.to(torch.bfloat16), max_row_norm, vocab_block, rows_per_matmul
-            )
-            assert torch.equal(tokens, expected), (vocab_block, rows_per_matmul)
-    bf16_only = (states.bfloat16() @ weight.bfloat16().T).float().argmax(-1)
-    assert not torch.equal(bf16_only, expected)  # the case needs the float32 rescoring
-
-
-def test_argmax_tokens_routes_float32_through_the_screen(monkeypatch):
-    from calm_transformers import modeling_calm
-
-    ae, weight, states = _pool_states(False)
-    flat = states.reshape(-1, states.shape[-1])  # 150 rows: a pool
-    calls = []
-    screened = modeling_calm.screened_argmax
-    monkeypatch.setattr(modeling_calm, "screened_argmax", lambda *a, **k: calls.append(1) or screened(*a, **k))
-    monkeypatch.setattr(modeling_calm, "cpu_has_fast_bf16", lambda: True)
-    assert torch.equal(ae.argmax_tokens(flat), flat.matmul(weight.T).argmax(-1)) and calls == []  # 500 tokens: small
-    monkeypatch.setattr(modeling_calm, "SCREEN_MIN_VOCAB", 500)
-    for fast in (True, False):
-        monkeypatch.setattr(modeling_calm, "cpu_has_fast_bf16", lambda fast=fast: fast)
-        assert torch.equal(ae.argmax_tokens(flat), flat.matmul(weight.T).argmax(-1))
-    assert calls == [1]  # only where the CPU has bf16 units
-    monkeypatch.setattr(modeling_calm, "cpu_has_fast_bf16", lambda: True)
-    assert torch.equal(ae.argmax_tokens(flat[:64]), flat[:64].matmul(weight.T).argmax(-1)) and calls == [1]  # few rows
-    assert torch.equal(
-        ae.to(torch.bfloat16).argmax_tokens(flat.bfloat16()),
-        modeling_calm.blocked_argmax(flat.bfloat16(), ae.encoder.embed_tokens.weight),
-    ) and calls == [1]  # bf16 models: no screen
+def test_removed_setting_in_a_saved_generation_config_warns(tmp_path, model):
+    """A generation_config.json of an earlier version (with `shortlist_size`, and the pool under its old name
+    `num_samples`) loads and generates, with a warning that names the removed setting."""
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "generation_config.json"
+    saved = json.loads(path.read_text())
+    saved.pop("num_candidates")
+    path.write_text(json.dumps({**saved, "shortlist_size": 64, "num_samples": 3}))
+    old = type(model).from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no longer has the setting.*shortlist_size"):
+        config = old._calm_generation_config(None, {})
+    assert config.num_candidates == 3
+    with pytest.warns(UserWarning, match="shortlist_size"):
+        out = old.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, temperature=0.5)
+    assert out.shape == (1, 8)

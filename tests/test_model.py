@@ -17,7 +17,8 @@ def test_save_load_round_trip(tmp_path, patch_size, dtype):
     model.save_pretrained(tmp_path, safe_serialization=True)
     files = {p.name for p in tmp_path.iterdir()}
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
-    assert {"configuration_calm.py", "modeling_calm.py", "generation_calm.py"} <= files
+    # The model file and every file it imports, each one a flat sibling (no package import at load time).
+    assert {"configuration_calm.py", "modeling_calm.py", "generation_calm.py", "utils_calm.py"} <= files
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["rope_theta"] == 5e5 and saved["rope_parameters"]["rope_theta"] == 5e5
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_calm.CALMForCausalLM"
@@ -168,73 +169,37 @@ def test_head_samples_share_the_hidden_state_projection(dtype):
         head.sample(hidden, noise[:, :4], num_samples=5)
 
 
-def test_every_linear_is_a_few_row_linear():
-    """Every nn.Linear of a CALM model, the Llama backbone's and the autoencoder's included, takes FewRowLinear's
-    path (same parameters, same state dict keys as nn.Linear modules)."""
-    from calm_transformers.modeling_calm import FewRowLinear
-
-    model = tiny_model()
+def test_every_linear_is_a_plain_nn_linear():
+    """The model's modules stay standard, so that peft, quantizers and offload hooks see what they expect, and bf16
+    outputs are F.linear's."""
+    model = tiny_model().bfloat16()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(type(m) is FewRowLinear for m in linears)
-    assert type(model.transformer.layers[0].mlp.gate_proj) is FewRowLinear
-    assert type(CALMAutoencoder(tiny_config().autoencoder_config).decoder.expand_layer) is FewRowLinear
-    assert "transformer.layers.0.self_attn.q_proj.weight" in model.state_dict()
+    assert linears and all(type(m) is torch.nn.Linear for m in linears)
+    x = torch.randn(1, 1, model.config.hidden_size, dtype=torch.bfloat16)
+    layer = model.transformer.layers[0].mlp.gate_proj
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 1024), (2, 1, 1024), (3, 5, 1024), (128, 1024), (129, 1024), (0, 1024)])
-def test_few_row_linear_matches_f_linear(bias, shape, monkeypatch):
-    """bf16 on CPU, up to 128 rows, a weight of 2^20 elements: weight-first products (one summation order away from
-    F.linear, so within bf16 rounding), a contiguous result, and gradients; other cases are F.linear's own."""
-    from calm_transformers.modeling_calm import FewRowLinear
-
-    torch.manual_seed(0)
-    layer = FewRowLinear(1024, 1024, bias=bias).bfloat16()
-    small = FewRowLinear(1024, 1023, bias=bias).bfloat16()  # under 2^20 elements
-    x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
-    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    expected_small = torch.nn.functional.linear(x, small.weight, small.bias)
-    rows = x.numel() // 1024
-    if rows <= 128:  # the weight-first path must not fall back to F.linear
-        linear = torch.nn.functional.linear
-        monkeypatch.setattr(
-            torch.nn.functional, "linear", lambda x, w, b=None: linear(x, w, b) if w is small.weight else 1 / 0
-        )
-    out = layer(x)
-    assert out.shape == expected.shape and out.is_contiguous()
-    torch.testing.assert_close(out, expected, atol=0.02, rtol=0.02)
-    if rows > 128:
-        assert torch.equal(out, expected)
-    assert torch.equal(small(x), expected_small)
-    if x.numel():
-        (grad,) = torch.autograd.grad(out.float().square().sum(), x)
-        (expected_grad,) = torch.autograd.grad(expected.float().square().sum(), x)
-        torch.testing.assert_close(grad, expected_grad, atol=0.05, rtol=0.05)
-    monkeypatch.undo()
-    layer32, x32 = layer.float(), x.detach().float()
-    assert torch.equal(layer32(x32), torch.nn.functional.linear(x32, layer32.weight, layer32.bias))
+def test_loaded_model_has_a_frozen_autoencoder(tmp_path):
+    """Built or loaded, the autoencoder is frozen: only the backbone, embed_proj and the head train (and
+    num_parameters(only_trainable=True) counts them alone)."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded = CALMForCausalLM.from_pretrained(tmp_path)
+    for candidate in (model, loaded):
+        assert not any(p.requires_grad for p in candidate.ae_model.parameters())
+        trainable = sum(p.numel() for n, p in candidate.named_parameters() if not n.startswith("ae_model."))
+        assert candidate.num_parameters(only_trainable=True) == trainable
 
 
-def test_few_row_linear_rejects_wrong_shapes_as_nn_linear_does():
-    from calm_transformers.modeling_calm import FewRowLinear
-
-    layer = FewRowLinear(1024, 1024).bfloat16()
-    for shape in ((1, 2048), (1, 512), (3, 1000), ()):
-        with pytest.raises(RuntimeError, match="shapes cannot be multiplied|at least 1D"):
-            layer(torch.randn(shape, dtype=torch.bfloat16))
-    assert layer(torch.randn(1024, dtype=torch.bfloat16)).shape == (1024,)
-
-
-def test_matmul_operand_pads_bf16_pools_on_cpu():
-    """blocked_argmax's second operand: zero columns up to a multiple of 32 for more than 64 bf16 states on CPU."""
-    from calm_transformers.modeling_calm import _matmul_operand
-
-    for columns, padded in ((3, 3), (64, 64), (65, 96), (200, 224), (224, 224), (1624, 1632)):
-        states_t = torch.randn(columns, 16, dtype=torch.bfloat16).T  # [a, c], a transposed view as in the caller
-        operand = _matmul_operand(states_t)
-        assert operand.shape == (16, padded) and operand.is_contiguous()
-        assert torch.equal(operand[:, :columns], states_t) and not bool(operand[:, columns:].any())
-    assert _matmul_operand(torch.randn(200, 16).T).shape == (16, 200)  # float32: its kernels gain nothing
+def test_token_logits_do_not_exist_and_say_so():
+    """CALM has no token logits: `.logits` and output_logits name the problem and what to use instead."""
+    model = tiny_model()
+    out = model(torch.tensor([[5, 6, 7, 8]]))
+    with pytest.raises(AttributeError, match="CALM has no token logits.*generate_until.*calm-eval"):
+        _ = out.logits
+    with pytest.raises(ValueError, match="CALM has no token logits"):
+        model(torch.tensor([[5, 6, 7, 8]]), output_logits=True)
 
 
 def test_labels_minus_100_skip_chunks():
