@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .cli import device_problem, folder_problem
 from .configuration_calm import CALMConfig
-from .modeling_calm import BRIER_MAX_N, CALMForCausalLM
+from .modeling_calm import BRIER_MAX_N, CALMForCausalLM, energy_score
 
 REPO_ROOT = Path(__file__).resolve().parent
 # The WikiText-103 test documents (62, one {"text": ...} per line): the validation text of the paper's BrierLM.
@@ -293,6 +293,82 @@ def _output_cache(outputs: object) -> object:
         if cache is not None:
             return cache
     raise ValueError("the model returned no KV cache with use_cache=True; the discrete estimator's roll-out needs one.")
+
+
+@torch.no_grad()
+def energy_levels(model: CALMForCausalLM, blocks: torch.LongTensor, batch_size: int = 8, seed: int = 0) -> dict:
+    """How much context a CALM model has learnt: its energy loss on `blocks` beside two reference levels.
+
+    The energy loss is the training objective (paper section 3, `-S` of the energy score), lower is better. On the
+    same target chunks (chunks 1..P-1 of each block) it is computed for:
+
+    - `model`: the model's head samples given its context;
+    - `context_free`: samples from the posteriors of randomly chosen chunks of `blocks`, the best a predictor that
+      ignores the context can do in the limit of a perfect marginal;
+    - `oracle`: samples from each target's own posterior, the level of a perfect predictor;
+    - `shuffled`: the model again, on blocks whose chunks are shuffled (a model that uses context gets worse).
+
+    `context_learned` = (context_free - model) / (context_free - oracle): 0 for a model that ignores its context, 1
+    for a perfect one. Draws come from `seed`; the model's training mode is restored afterwards.
+
+    >>> from calm_transformers import CALMAutoencoderConfig, CALMConfig
+    >>> ids = dict(vocab_size=300, pad_token_id=2, bos_token_id=0, eos_token_id=1)
+    >>> ae = CALMAutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8, **ids)
+    >>> config = CALMConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    ...                     num_key_value_heads=2, latent_size=8, autoencoder_config=ae, **ids)
+    >>> levels = energy_levels(CALMForCausalLM(config), torch.randint(3, 300, (2, 32)))
+    >>> sorted(levels)
+    ['context_free', 'context_learned', 'model', 'oracle', 'shuffled']
+    """
+    k = model.config.patch_size
+    if blocks.dim() != 2 or blocks.shape[1] % k or blocks.shape[1] < 2 * k:
+        raise ValueError(f"blocks must be [n_blocks, block_size] with block_size a multiple of {k} and >= {2 * k}.")
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = dict.fromkeys(("model", "context_free", "oracle", "shuffled"), 0.0)
+    count = 0
+    try:
+        for batch in blocks.split(batch_size):
+            chunks = batch.reshape(batch.shape[0], -1, k)  # [B, P, K]
+            order = torch.rand(chunks.shape[:2], generator=generator).argsort(-1)  # a shuffle of each row's chunks
+            shuffled = torch.gather(chunks, 1, order[..., None].expand_as(chunks)).flatten(1)
+            losses = _energy_losses(model, batch.to(device), generator)
+            for name in ("model", "context_free", "oracle"):
+                sums[name] += float(losses[name].sum())
+            sums["shuffled"] += float(_energy_losses(model, shuffled.to(device), generator)["model"].sum())
+            count += batch.shape[0] * (chunks.shape[1] - 1)
+    finally:
+        model.train(was_training)
+    levels = {name: total / count for name, total in sums.items()}
+    gap = levels["context_free"] - levels["oracle"]
+    levels["context_learned"] = (levels["context_free"] - levels["model"]) / gap if gap > 0 else float("nan")
+    return levels
+
+
+def _energy_losses(model: CALMForCausalLM, ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Energy losses [B * (P-1)] of the model's samples, of random chunks' posteriors and of the targets' own."""
+    k, n = model.config.patch_size, model.config.num_samples
+    hidden = model(ids[:, :-k]).last_hidden_state.flatten(0, 1)  # [n_targets, d]
+    mean, log_std = (x.flatten(0, 1) for x in model.ae_model.encoder(ids[:, k:]))  # [n_targets, l]
+    std = log_std.exp()
+
+    def draw(*shape: int, normal: bool = True) -> torch.Tensor:
+        values = torch.randn(shape, generator=generator) if normal else torch.rand(shape, generator=generator)
+        return values.to(device=mean.device, dtype=mean.dtype)
+
+    def loss(samples: torch.Tensor) -> torch.Tensor:
+        target_noise = draw(model.config.num_target_samples, *mean.shape)
+        return -energy_score(samples, mean, log_std, beta=model.config.beta, target_noise=target_noise)
+
+    head_noise = draw(n, *hidden.shape[:-1], model.config.noise_size, normal=False) - 0.5
+    others = torch.randint(0, mean.shape[0], (n, mean.shape[0]), generator=generator).to(mean.device)  # [N, n]
+    return {
+        "model": loss(model.generative_head.sample(hidden.expand(n, -1, -1), head_noise)),
+        "context_free": loss(mean[others] + std[others] * draw(n, *mean.shape)),
+        "oracle": loss(mean + std * draw(n, *mean.shape)),
+    }
 
 
 def load_model(

@@ -40,7 +40,7 @@ from transformers import (
 
 from .cli import folder_problem
 from .configuration_calm import CALMAutoencoderConfig, CALMConfig
-from .evaluate_calm import evaluate_brierlm, load_documents, pack_documents
+from .evaluate_calm import energy_levels, evaluate_brierlm, load_documents, pack_documents
 from .modeling_calm import CALMAutoencoder, CALMForCausalLM
 from .utils_calm import code_files, save_tokenizer
 
@@ -322,14 +322,18 @@ def reconstruction_accuracy(
 
 
 def stage_metrics(stage: str, model: PreTrainedModel, blocks: torch.Tensor, batch_size: int, seed: int) -> dict:
-    """Held-out metrics: reconstruction accuracy for the autoencoder, Brier-1..4 and BrierLM for the LMs."""
+    """Held-out metrics: reconstruction accuracy for the autoencoder, Brier-1..4 and BrierLM for the LMs, and the
+    energy levels of `energy_levels` for CALM."""
     if stage == "autoencoder":
         return {
             "accuracy": reconstruction_accuracy(model, blocks, batch_size),
             "accuracy_noise_0.3": reconstruction_accuracy(model, blocks, batch_size, noise_std=0.3, seed=seed),
         }
     result = evaluate_brierlm(model, blocks, batch_size=batch_size, seed=seed, progress=False)
-    return {"brierlm": result["brierlm"], **{f"brier{n}": value for n, value in enumerate(result["brier"], 1)}}
+    metrics = {"brierlm": result["brierlm"], **{f"brier{n}": value for n, value in enumerate(result["brier"], 1)}}
+    if stage == "lm":  # how much of its context the model uses, beside the context-free and oracle levels
+        metrics.update(energy_levels(model, blocks, batch_size=batch_size, seed=seed))
+    return metrics
 
 
 class CALMTrainer(Trainer):

@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from calm_transformers import CALMAutoencoderConfig, CALMConfig, CALMForCausalLM
 from calm_transformers.convert_checkpoint import load_reference_checkpoint
-from calm_transformers.utils_calm import DTYPES
 from transformers import LlamaConfig, LlamaForCausalLM
 
 HERE = Path(__file__).resolve().parent
@@ -117,7 +116,7 @@ def authors_command(args: argparse.Namespace, action: str, work: Path, cases: li
 
 
 def build_columns(args: argparse.Namespace, work: Path) -> dict[str, torch.nn.Module]:
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     if args.model:
         calm = CALMForCausalLM.from_pretrained(args.model)
     elif args.authors_code:
@@ -148,7 +147,9 @@ def run_round(
             if name.startswith("llama"):  # greedy; a temperature means nothing to compare here
                 settings = {"do_sample": False}
             else:
-                settings = {"temperature": case["temperature"], "num_candidates": args.num_candidates}
+                settings = {"temperature": case["temperature"]}
+                if args.num_candidates != 200:  # the default pool, left unset so that earlier versions run too
+                    settings["num_candidates"] = args.num_candidates
             with torch.no_grad():
                 times.append(time_generate(model, case, args.device, **settings, **cache))
         if compiled:
@@ -192,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="calm-m", help="random weights of this shape")
     parser.add_argument("--model", help="a CALM folder to time instead of random weights")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype (default bfloat16)")
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="default: bfloat16"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="default: 1 8")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.5], help="default: 1.0 0.5")
     parser.add_argument("--num-candidates", type=int, default=200, help="pool size for T < 1 (default 200)")
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "calm_transformers": str(Path(sys.modules[CALMForCausalLM.__module__].__file__).parent),
     }
     if args.output:
         Path(args.output).write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
