@@ -15,6 +15,7 @@ if __name__ == "calm_transformers":
     AutoConfig.register(CALMAutoencoderConfig.model_type, CALMAutoencoderConfig, exist_ok=True)
     AutoModelForCausalLM.register(CALMConfig, CALMForCausalLM, exist_ok=True)
     AutoModel.register(CALMAutoencoderConfig, CALMAutoencoder, exist_ok=True)
+    AutoModel.register(CALMConfig, CALMForCausalLM, exist_ok=True)  # its forward returns the backbone states
 
 __all__ = [
     "CALMAutoencoder",

@@ -1,4 +1,4 @@
-"""`calm-generate`: stream text from a CALM model. With no `--model`, the small CALM shipped in this package.
+"""calm-generate: stream text from a CALM model. With no --model, the small CALM shipped in this package.
 
 calm-generate "The history of the city"
 calm-generate "The history of the city" --model ./my-converted-calm --temperature 0.5 --num-candidates 200
@@ -18,13 +18,16 @@ from .utils_calm import DTYPES
 DEFAULT_MODEL = Path(__file__).resolve().parent / "calm_tiny_wikitext"
 
 
-def folder_problem(name: str, needs: str | None = "config.json") -> str | None:
+def folder_problem(name: str, needs: str | None = "config.json", hub_ok: bool = True) -> str | None:
     """A message if `name` is plainly a local path (not a Hub id such as `org/model`) but no folder is there, or a
-    folder without the file `needs` (a model's config.json); None otherwise."""
+    folder without the file `needs` (a model's config.json); None otherwise. With `hub_ok=False` only an existing
+    local folder will do."""
     path = Path(name).expanduser()
     if path.is_dir():
         if needs and not (path / needs).is_file():
             return f"{name} has no {needs}: pass a folder written by save_pretrained or calm-convert."
+    elif not hub_ok:
+        return f"no folder at {name}: pass an existing local folder."
     elif path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         return f"no folder at {name}: pass an existing folder, or a Hub id such as org/model."
     return None
@@ -51,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="candidate chunks drawn per step for temperature < 1 (default: the model's, 200)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (default: float32)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda, cuda:1, ... (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="for reproducible output")
     args = parser.parse_args(argv)
 

@@ -149,25 +149,13 @@ class CALMConfig(PretrainedConfig):
         self.num_target_samples = num_target_samples
         self.beta = beta
 
-        # RoPE is written both ways: transformers 4.57 reads `rope_theta` / `rope_scaling`, 5.x reads
-        # `rope_parameters`. A saved 5.x config may carry only `rope_parameters`.
-        rope_parameters = kwargs.pop("rope_parameters", None)
-        if rope_parameters is not None and "rope_theta" in rope_parameters:
-            rope_theta = rope_parameters["rope_theta"]
-        if (
-            rope_scaling is None
-            and rope_parameters is not None
-            and rope_parameters.get("rope_type", "default") != "default"
-        ):
-            rope_scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
-        self.rope_theta = float(rope_theta)
+        rope_theta, rope_scaling, self.rope_parameters = _rope_fields(
+            rope_theta, rope_scaling, kwargs.pop("rope_parameters", None)
+        )
+        self.rope_theta = rope_theta
         if rope_scaling is not None:  # 5.x warns on this legacy field; only 4.57 needs it, and only when set
             self.rope_scaling = rope_scaling
-        self.rope_parameters = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": self.rope_theta}
-        if "type" in self.rope_parameters:  # legacy spelling of rope_type
-            self.rope_parameters["rope_type"] = self.rope_parameters.pop("type")
-
-        if autoencoder_config is None:
+        if autoencoder_config is None:  # the released autoencoder's shape, with this model's vocabulary and chunks
             autoencoder_config = CALMAutoencoderConfig(
                 vocab_size=vocab_size,
                 patch_size=patch_size,
@@ -239,3 +227,19 @@ class CALMConfig(PretrainedConfig):
         output["rope_theta"] = self.rope_theta
         output["rope_parameters"] = dict(self.rope_parameters)
         return output
+
+
+def _rope_fields(
+    rope_theta: float, rope_scaling: dict | None, rope_parameters: dict | None
+) -> tuple[float, dict | None, dict]:
+    """RoPE written both ways: transformers 4.57 reads `rope_theta` / `rope_scaling`, 5.x reads `rope_parameters`
+    (a saved 5.x config may carry only that). Returns (rope_theta, rope_scaling, rope_parameters)."""
+    if rope_parameters is not None and "rope_theta" in rope_parameters:
+        rope_theta = rope_parameters["rope_theta"]
+    scaled = rope_parameters is not None and rope_parameters.get("rope_type", "default") != "default"
+    if rope_scaling is None and scaled:
+        rope_scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    parameters = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": float(rope_theta)}
+    if "type" in parameters:  # legacy spelling of rope_type
+        parameters["rope_type"] = parameters.pop("type")
+    return float(rope_theta), rope_scaling, parameters

@@ -415,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rollout-batch-size", type=int, default=256, help="roll-out rows per block and pass (discrete models)"
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the Hub")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"], help="default: float32"
+    )
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1 (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (default 0)")
     parser.add_argument("--output", type=Path, help="also write the JSON result to this file")

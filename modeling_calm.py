@@ -13,6 +13,7 @@ The module names follow the authors' code (`transformer`, `embed_proj`, `generat
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,9 @@ except ImportError:  # transformers 4.57
 LAYER_NORM_EPS = 1e-6
 # Brier-n is reported for n-grams of 1..4 tokens; BrierLM is their geometric mean (section 4).
 BRIER_MAX_N = 4
+
+# The remote-code entry that sends `AutoModel` on a CALM folder to `CALMForCausalLM`.
+AUTO_MODEL_ENTRY = "modeling_calm.CALMForCausalLM"
 
 NO_LOGITS = (
     "CALM has no token logits: it predicts one continuous vector per chunk of {k} tokens, so token likelihoods "
@@ -351,17 +355,28 @@ class CALMAutoencoder(CALMPreTrainedModel):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, P, latent_size] -> logits [B, P*K, vocab_size]."""
         self._check_latents(latents)
-        return F.linear(self.decoder(latents), self.encoder.embed_tokens.weight)
+        token_states = self.decoder(latents)
+        return F.linear(token_states, self.vocab_weight(token_states.device))
 
     def decode_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [*, P, latent_size] -> argmax token ids [*, P*K], without holding all logits at once."""
         self._check_latents(latents)
         return self.argmax_tokens(self.decoder(latents))
 
+    def vocab_weight(self, device: torch.device) -> torch.Tensor:
+        """The decoder's output projection [V, a]: the encoder's token embedding (tied, paper section 2).
+
+        Offloaded by accelerate, the weight stays on "meta" until its module runs, so it is then read through the
+        module (a lookup of every id), which loads it."""
+        weight = self.encoder.embed_tokens.weight
+        if weight.device.type == "meta":
+            weight = self.encoder.embed_tokens(torch.arange(weight.shape[0], device=device))
+        return weight
+
     def argmax_tokens(self, token_states: torch.Tensor) -> torch.Tensor:
         """Decoder token states [*, a] -> argmax token ids [*] over the tied vocabulary projection."""
         flat = token_states.reshape(-1, token_states.shape[-1])  # [n, a]
-        return vocab_argmax(flat, self.encoder.embed_tokens.weight).reshape(token_states.shape[:-1])
+        return vocab_argmax(flat, self.vocab_weight(flat.device)).reshape(token_states.shape[:-1])
 
     def forward(
         self,
@@ -386,7 +401,8 @@ class CALMAutoencoder(CALMPreTrainedModel):
         if self.training:
             latent_noise = torch.randn_like(mean) if latent_noise is None else latent_noise
             latents = F.dropout(mean + torch.exp(log_std) * latent_noise, p=p, training=True)
-        logits = F.linear(self.decoder(latents), self.encoder.embed_tokens.weight)
+        token_states = self.decoder(latents)
+        logits = F.linear(token_states, self.vocab_weight(token_states.device))
         loss = accuracy = None
         if labels is not None:
             loss = self.patch_size * F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
@@ -425,6 +441,13 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
         model = super().from_pretrained(*args, **kwargs)
         model.ae_model.requires_grad_(False)  # loading replaces parameters, and with them the freeze of __init__
         return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
+        """`PreTrainedModel.save_pretrained`; with the model code copied, `AutoModel` also loads this class (its
+        `forward` returns the backbone states per chunk, as a base model's does)."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": AUTO_MODEL_ENTRY}
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.embed_tokens
@@ -493,7 +516,8 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
             raise ValueError("CALMForCausalLM.forward needs input_ids (the model embeds whole chunks of tokens).")
         if kwargs.pop("output_logits", False):
             raise ValueError(NO_LOGITS.format(k=self.patch_size))
-        check_input_ids(input_ids, self.config.vocab_size, self.patch_size)
+        # Callers that score token likelihoods (lm_eval's loglikelihood) pass any length: name the real problem too.
+        check_input_ids(input_ids, self.config.vocab_size, self.patch_size, " " + NO_LOGITS.format(k=self.patch_size))
         if attention_mask is not None and attention_mask.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"attention_mask has batch size {attention_mask.shape[0]}, input_ids {input_ids.shape[0]}."

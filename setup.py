@@ -38,8 +38,12 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.0", "ruff", "tokenizers>=0.19", "tiktoken"],
+        "test": [
+            *("pytest>=8", "hypothesis>=6", "accelerate>=1.0", "ruff", "tokenizers>=0.19", "tiktoken"),
+            *("peft>=0.17", "lm_eval>=0.4.9"),  # the clients tests/test_integrations.py runs CALM with
+        ],
         "train": ["accelerate>=1.0", "tokenizers>=0.19"],
+        "plot": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [

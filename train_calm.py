@@ -56,7 +56,6 @@ DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
         "num_decoder_layers": 2,
         "latent_size": 64,
         "patch_size": 4,
-        "kl_weight": 0.01,
     },
     "lm": {
         "hidden_size": 256,
@@ -362,12 +361,12 @@ class CALMTrainer(Trainer):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calm-train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=STAGES, required=True)
+    parser = argparse.ArgumentParser(prog="calm-train", description=__doc__.split("\n\n")[0].replace("`", ""))
+    parser.add_argument("--stage", choices=STAGES, required=True, help="what to train (see the description above)")
     parser.add_argument("--data", required=True, help="documents: JSONL with a text field (one per line), or text")
-    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--text-field", default="text", help="the JSON field holding each document (default: text)")
     parser.add_argument("--num-eval-docs", type=int, default=6, help="the last N documents are held out (default 6)")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", required=True, help="folder for the trained model and its results.json")
     parser.add_argument("--tokenizer", help="tokenizer folder (autoencoder and ar stages)")
     parser.add_argument("--autoencoder", help="trained autoencoder folder (lm stage); its tokenizer is used")
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer stage: BPE vocabulary size")
@@ -387,17 +386,23 @@ def build_parser() -> argparse.ArgumentParser:
         "chunks replaced by random tokens, to learn the whole vocabulary (default 0.2)",
     )
     parser.add_argument("--block-size", type=int, default=512, help="tokens per training row (a multiple of K)")
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training blocks (default: 1)")
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per device per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lr-scheduler", default="cosine", help="transformers' lr_scheduler_type")
-    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: the authors' 3e-4)")
+    parser.add_argument(
+        "--lr-scheduler",
+        default="constant_with_warmup",
+        help="transformers' lr_scheduler_type (default: the authors' constant_with_warmup)",
+    )
+    parser.add_argument("--warmup-steps", type=int, default=2000, help="default: the authors' 2000")
     parser.add_argument("--weight-decay", type=float, help="default: 0 for the autoencoder, 0.1 for the LMs")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or GPU)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: 1.0)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast, as the authors train (CPU or GPU; default: float32)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     parser.add_argument("--eval-steps", type=int, default=0, help="evaluate every N optimizer steps (0: at the end)")
     parser.add_argument(
         "--eval-blocks",
@@ -405,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="held-out blocks for evaluation during training (0: all); the final evaluation always uses all",
     )
-    parser.add_argument("--eval-batch-size", type=int, default=8)
-    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--eval-batch-size", type=int, default=8, help="blocks per evaluation batch (default: 8)")
+    parser.add_argument("--logging-steps", type=int, default=10, help="log the training loss every N steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--no-remote-code",
@@ -420,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_tokenizer(folder: str | None, flag: str) -> PreTrainedTokenizerFast:
     if folder is None:
         raise ValueError(f"this stage needs {flag} (a folder with a tokenizer); train one with --stage tokenizer.")
-    if problem := folder_problem(folder, needs=None):
+    if problem := folder_problem(folder, needs=None, hub_ok=False):
         raise ValueError(f"{flag}: {problem}")
     # Not AutoTokenizer: transformers 5 reads the folder's config.json first and asks about its remote code.
     return PreTrainedTokenizerFast.from_pretrained(folder)
@@ -441,53 +446,48 @@ def strip_remote_code(folder: str | Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run one stage; save the result to `args.output_dir` and return its results (also written as results.json)."""
-    output_dir = Path(args.output_dir)
+def _split_documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The training documents and the last `--num-eval-docs`, held out."""
     documents = load_documents(args.data, text_field=args.text_field)
     if not 0 <= args.num_eval_docs < len(documents):
         raise ValueError(f"--num-eval-docs must be in [0, {len(documents)}) for {len(documents)} documents.")
     split = len(documents) - args.num_eval_docs
-    train_docs, eval_docs = documents[:split], documents[split:]
+    return documents[:split], documents[split:]
 
-    if args.stage == "tokenizer":
-        if args.overrides:
-            raise ValueError("--set has no meaning for the tokenizer stage; use --vocab-size.")
-        tokenizer = train_tokenizer(train_docs, args.vocab_size)
-        save_tokenizer(tokenizer, output_dir)
-        return {"stage": "tokenizer", "vocab_size": len(tokenizer), "train_documents": len(train_docs)}
 
-    fields = stage_config_fields(args.stage, parse_overrides(args.overrides))
-    torch.manual_seed(args.seed)
+def _model_and_data(
+    args: argparse.Namespace, fields: dict[str, Any], train_docs: list[str], eval_docs: list[str]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, torch.Tensor, torch.Tensor, Callable | None]:
+    """The stage's new model, its tokenizer, training and held-out blocks, and the batch collator (or None)."""
     if args.stage == "autoencoder":
         tokenizer = _load_tokenizer(args.tokenizer, "--tokenizer")
         model = build_autoencoder(tokenizer, **fields)
         k = model.config.patch_size
-        train_blocks = autoencoder_blocks(tokenizer, train_docs, k, args.block_size)
-        eval_blocks = autoencoder_blocks(tokenizer, eval_docs, k, args.block_size)
         collator = RandomChunkCollator(args.random_chunks, model.config.vocab_size, k) if args.random_chunks else None
+        blocks = [autoencoder_blocks(tokenizer, docs, k, args.block_size) for docs in (train_docs, eval_docs)]
+        return model, tokenizer, blocks[0], blocks[1], collator
+    if args.stage == "lm":
+        if args.autoencoder is None:
+            raise ValueError("--stage lm needs --autoencoder (the folder written by --stage autoencoder).")
+        if problem := folder_problem(args.autoencoder, hub_ok=False):
+            raise ValueError(f"--autoencoder: {problem}")
+        tokenizer = _load_tokenizer(args.tokenizer or args.autoencoder, "--autoencoder")
+        model = build_calm(CALMAutoencoder.from_pretrained(args.autoencoder), **fields)
+        if args.block_size % model.config.patch_size:
+            raise ValueError(f"--block-size must be a multiple of patch_size={model.config.patch_size}.")
     else:
-        if args.stage == "lm":
-            if args.autoencoder is None:
-                raise ValueError("--stage lm needs --autoencoder (the folder written by --stage autoencoder).")
-            if problem := folder_problem(args.autoencoder):
-                raise ValueError(f"--autoencoder: {problem}")
-            tokenizer = _load_tokenizer(args.tokenizer or args.autoencoder, "--autoencoder")
-            model = build_calm(CALMAutoencoder.from_pretrained(args.autoencoder), **fields)
-            if args.block_size % model.config.patch_size:
-                raise ValueError(f"--block-size must be a multiple of patch_size={model.config.patch_size}.")
-        else:
-            tokenizer = _load_tokenizer(args.tokenizer, "--tokenizer")
-            model = build_llama(tokenizer, **fields)
-        train_blocks = lm_blocks(tokenizer, train_docs, args.block_size)
-        eval_blocks = lm_blocks(tokenizer, eval_docs, args.block_size) if eval_docs else train_blocks[:0]
-        collator = None
-    if train_blocks.shape[0] == 0:
-        raise ValueError(f"the training documents give no full block of {args.block_size} tokens; lower --block-size.")
+        tokenizer = _load_tokenizer(args.tokenizer, "--tokenizer")
+        model = build_llama(tokenizer, **fields)
+    train_blocks = lm_blocks(tokenizer, train_docs, args.block_size)
+    eval_blocks = lm_blocks(tokenizer, eval_docs, args.block_size) if eval_docs else train_blocks[:0]
+    return model, tokenizer, train_blocks, eval_blocks, None
 
+
+def _training_arguments(args: argparse.Namespace, has_eval: bool) -> TrainingArguments:
+    """Trainer's arguments for the stage: the optimiser settings of the command line, single or data-parallel."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun or accelerate
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),
+    return TrainingArguments(
+        output_dir=args.output_dir,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
@@ -502,7 +502,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         use_cpu=not torch.cuda.is_available(),  # also what makes bf16 autocast allowed on CPU
         seed=args.seed,
         logging_steps=args.logging_steps,
-        eval_strategy="steps" if args.eval_steps and eval_docs else "no",
+        eval_strategy="steps" if args.eval_steps and has_eval else "no",
         eval_steps=args.eval_steps or None,
         save_strategy="no",
         report_to="none",
@@ -512,6 +512,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ddp_find_unused_parameters=False,
         disable_tqdm=args.no_progress,
     )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one stage; save the result to `args.output_dir` and return its results (also written as results.json)."""
+    output_dir = Path(args.output_dir)
+    train_docs, eval_docs = _split_documents(args)
+    if args.stage == "tokenizer":
+        if args.overrides:
+            raise ValueError("--set has no meaning for the tokenizer stage; use --vocab-size.")
+        tokenizer = train_tokenizer(train_docs, args.vocab_size)
+        save_tokenizer(tokenizer, output_dir)
+        return {"stage": "tokenizer", "vocab_size": len(tokenizer), "train_documents": len(train_docs)}
+
+    fields = stage_config_fields(args.stage, parse_overrides(args.overrides))
+    torch.manual_seed(args.seed)
+    model, tokenizer, train_blocks, eval_blocks, collator = _model_and_data(args, fields, train_docs, eval_docs)
+    if train_blocks.shape[0] == 0:
+        raise ValueError(f"the training documents give no full block of {args.block_size} tokens; lower --block-size.")
+    training_args = _training_arguments(args, has_eval=bool(eval_docs))
     eval_subset = eval_blocks[: args.eval_blocks] if args.eval_blocks else eval_blocks
     trainer = CALMTrainer(
         model=model,

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaModel
 
 # The KV-cache keyword of LlamaModel.forward: `cache` in recent 5.x, `past_key_values` before.
@@ -20,11 +21,15 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parame
 # transformers 4.57's LlamaModel takes the cache slots to write as `cache_position`; 5.x caches count them.
 TAKES_CACHE_POSITION = "cache_position" in inspect.signature(LlamaModel.forward).parameters
 
+# Up to this many rows, `vocab_argmax` projects onto the whole vocabulary in one matmul.
+FEW_ROWS = 8
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_input_ids(input_ids: torch.Tensor, vocab_size: int, patch_size: int | None = None) -> None:
-    """Raise a clear error for ids a CALM model cannot read. With `patch_size`: require whole chunks."""
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int, patch_size: int | None = None, hint: str = "") -> None:
+    """Raise a clear error for ids a CALM model cannot read. With `patch_size`: require whole chunks (`hint` is
+    added to that error)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}.")
     if input_ids.dim() != 2:
@@ -38,7 +43,7 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int, patch_size: int | 
         raise ValueError(
             f"input length {input_ids.shape[1]} is not a multiple of patch_size={patch_size}: the model reads whole "
             f"chunks of {patch_size} tokens. Pad the input to a multiple of {patch_size} (and mask the padding with "
-            "attention_mask), or use generate(), which aligns prompts of any length."
+            f"attention_mask), or use generate(), which aligns prompts of any length.{hint}"
         )
     if input_ids.numel() > 0:
         low, high = int(input_ids.min()), int(input_ids.max())
@@ -65,12 +70,15 @@ def positions_of(chunk_mask: torch.Tensor) -> torch.Tensor:
     return (chunk_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def vocab_argmax(states: torch.Tensor, weight: torch.Tensor, block_size: int = 16384) -> torch.Tensor:
+def vocab_argmax(states: torch.Tensor, weight: torch.Tensor, block_size: int = 4096) -> torch.Tensor:
     """argmax_v weight[v] . states[i] -> token ids [n] (the first maximum on ties, as `argmax`); states [n, a].
 
     The logits are made and reduced one vocabulary block at a time, so that a pool of candidates never holds
-    all [n, V] logits: reducing them costs more than the matmul behind them (docs/performance.md).
+    all [n, V] logits: reducing them costs more than the matmul behind them. A few rows (one chunk per row at T = 1)
+    take one matmul, which is faster there (docs/performance.md).
     """
+    if states.shape[0] <= FEW_ROWS:
+        return F.linear(states, weight).argmax(-1)
     best_value = best_index = None
     for start in range(0, weight.shape[0], block_size):
         value, index = (weight[start : start + block_size] @ states.T).max(0)  # [n]; max: the first maximum

@@ -189,7 +189,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("`", ""))
     parser.add_argument("--shape", choices=sorted(SHAPES), default="calm-m", help="random weights of this shape")
     parser.add_argument("--model", help="a CALM folder to time instead of random weights")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")

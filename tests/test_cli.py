@@ -73,3 +73,25 @@ def test_console_script_runs_the_readme_command():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The history of the city")
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["cli", "train_calm", "evaluate_calm", "convert_checkpoint"],
+)
+def test_help_is_plain_text_and_every_option_has_a_help(module, capsys):
+    """--help reads as plain text (no Markdown backticks) and says what each option is for."""
+    import importlib
+
+    parser_of = importlib.import_module(f"calm_transformers.{module}")
+    with pytest.raises(SystemExit):
+        parser_of.main(["--help"])
+    text = capsys.readouterr().out
+    assert "`" not in text
+    options = text.split("options:", 1)[1]
+    # An option line without help ends right after its metavar: "  --name NAME" alone on its line, and the next
+    # line starts another option.
+    lines = [line for line in options.splitlines() if line.strip()]
+    for line, following in zip(lines, lines[1:] + ["  --"], strict=True):
+        if line.lstrip().startswith("-") and following.lstrip().startswith("-"):
+            assert "  " in line.strip(), f"{module}: no help for {line.strip()!r}"

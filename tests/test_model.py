@@ -71,8 +71,12 @@ def test_autoencoder_training_loss_and_accuracy():
 
 
 def test_remote_code_in_fresh_process(tmp_path):
+    """A saved CALM folder, and a saved autoencoder folder, load in a fresh process through remote code alone:
+    AutoModelForCausalLM and AutoModel (the whole CALM, whose forward gives the backbone states) on the CALM folder,
+    AutoConfig and AutoModel on the autoencoder's."""
     model = tiny_model(patch_size=4)
     model.save_pretrained(tmp_path)
+    model.ae_model.save_pretrained(tmp_path / "ae")
     ids = torch.randint(0, 90, (2, 8))
     with torch.no_grad():
         expected = model(ids).last_hidden_state
@@ -86,6 +90,12 @@ assert type(model).__module__.startswith('transformers_modules'), type(model).__
 with torch.no_grad():
     got = model(probe['ids']).last_hidden_state
 print('DIFF', (got - probe['expected']).abs().max().item())
+base = transformers.AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+assert type(base).__name__ == 'CALMForCausalLM' and type(base).__module__.startswith('transformers_modules')
+ae_config = transformers.AutoConfig.from_pretrained({str(tmp_path / "ae")!r}, trust_remote_code=True)
+ae = transformers.AutoModel.from_pretrained({str(tmp_path / "ae")!r}, trust_remote_code=True)
+assert type(ae_config).__name__ == 'CALMAutoencoderConfig' and type(ae).__name__ == 'CALMAutoencoder'
+assert type(ae).__module__.startswith('transformers_modules'), type(ae).__module__
 """
     # An empty module cache, and no way to import the installed package: only the folder's code can be used.
     out = run_python(code, cwd=tmp_path, env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")})
@@ -279,6 +289,9 @@ def test_input_errors():
 
 
 def test_root_config_is_calm_m():
+    saved = json.loads((REPO / "config.json").read_text())
+    assert set(saved) <= set(CALMConfig().to_dict()) | {"auto_map", "architectures", "transformers_version"}, "stale"
+    assert saved["auto_map"]["AutoModel"] == saved["auto_map"]["AutoModelForCausalLM"]
     config = CALMConfig.from_pretrained(REPO)
     assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (1024, 2752, 16)
     assert (config.num_attention_heads, config.num_key_value_heads, config.num_mlp_layers) == (16, 16, 4)

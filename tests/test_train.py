@@ -159,6 +159,7 @@ def test_overrides_are_parsed_and_checked():
         (["--stage", "lm", "--autoencoder", "{tmp}/missing"], "--autoencoder: no folder at {tmp}/missing"),
         (["--stage", "lm", "--autoencoder", "{tmp}"], "--autoencoder: {tmp} has no config.json"),
         (["--stage", "autoencoder", "--tokenizer", "{tmp}/missing"], "--tokenizer: no folder at {tmp}/missing"),
+        (["--stage", "lm", "--autoencoder", "nosuch"], "--autoencoder: no folder at nosuch: pass an existing local"),
     ],
 )
 def test_cli_names_a_missing_folder(options, message, tmp_path, capsys):
@@ -260,7 +261,9 @@ def test_stage_trains_saves_and_evaluates(pipeline, stage):
     if stage == "autoencoder":
         assert 0.5 < results["eval"]["accuracy"] <= 1.0  # counting text is easy to reconstruct after 80 steps
     else:
-        assert set(results["eval"]) == {"brierlm", "brier1", "brier2", "brier3", "brier4"}
+        brier = {"brierlm", "brier1", "brier2", "brier3", "brier4"}
+        levels = {"model", "context_free", "oracle", "shuffled", "context_learned"}  # CALM's energy levels
+        assert set(results["eval"]) == (brier | levels if stage == "lm" else brier)
         assert all(-1.0 <= results["eval"][f"brier{n}"] <= 1.0 for n in range(1, 5))
         assert results["eval"]["brierlm"] == pytest.approx(brierlm([results["eval"][f"brier{n}"] for n in range(1, 5)]))
     if stage == "ar":  # counting is learnt by a Llama in 30 steps: far above chance (about 0 for a random model)
