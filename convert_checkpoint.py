@@ -348,16 +348,10 @@ def convert(
     parameters = list(model.parameters())
     for param in tqdm(parameters, desc=f"Converting to {dtype_name}", unit="tensor", disable=not progress):
         param.data = param.data.to(torch_dtype)
-
-    command = ["calm-convert", "--calm", str(calm)]
-    for flag, value in (("--autoencoder", autoencoder), ("--tokenizer", tokenizer if tokenizer != calm else None)):
-        if value is not None:
-            command += [flag, str(value)]
-    command += ["--output", str(output_as_given), "--dtype", dtype_name]
-    if str(max_shard_size) != "5GB":
-        command += ["--max-shard-size", str(max_shard_size)]
-    if push_to_hub:
-        command += ["--push-to-hub", push_to_hub] + (["--private"] if private else [])
+    command = _conversion_command(
+        calm, autoencoder, tokenizer if tokenizer != calm else None, output_as_given, dtype_name, max_shard_size,
+        push_to_hub, private,
+    )  # fmt: skip
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -381,6 +375,29 @@ def convert(
     if push_to_hub:
         push_folder_to_hub(output, push_to_hub, private)
     return output
+
+
+def _conversion_command(
+    calm: Path,
+    autoencoder: Path | None,
+    tokenizer: Path | None,
+    output: str | Path,
+    dtype_name: str,
+    max_shard_size: int | str,
+    push_to_hub: str | None,
+    private: bool,
+) -> list[str]:
+    """The `calm-convert` command that reproduces a conversion, for the model card."""
+    command = ["calm-convert", "--calm", str(calm)]
+    for flag, value in (("--autoencoder", autoencoder), ("--tokenizer", tokenizer)):
+        if value is not None:
+            command += [flag, str(value)]
+    command += ["--output", str(output), "--dtype", dtype_name]
+    if str(max_shard_size) != "5GB":
+        command += ["--max-shard-size", str(max_shard_size)]
+    if push_to_hub:
+        command += ["--push-to-hub", push_to_hub] + (["--private"] if private else [])
+    return command
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, calm_config: dict[str, Any]) -> torch.dtype:

@@ -24,11 +24,11 @@ from calm_transformers.train_calm import (
     train_tokenizer,
 )
 from calm_transformers.utils_calm import code_files, save_tokenizer
-from conftest import REPO, tiny_config
+from conftest import REPO, run_python, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 
-SHIPPED = REPO / "calm_tiny_wikitext"
+SHIPPED = REPO / "calm_tiny_shakespeare"
 WORDS = "zero one two three four five six seven eight nine".split()
 TINY = {  # --set overrides that make each stage's model tiny
     "autoencoder": ["hidden_size=32", "intermediate_size=64", "latent_size=8", "ae_dropout=0.05"],
@@ -423,14 +423,30 @@ def test_shipped_model_loads_and_generates():
         "tokenizer_config.json",
         "README.md",
     } <= files
-    assert not files & {path.name for path in code_files()}  # the package has the code
+    # The code remote-code loading needs is linked, not copied: one copy of the model code in the repository.
+    for path in code_files():
+        assert (SHIPPED / path.name).resolve() == path.resolve(), path.name
     assert sum(p.stat().st_size for p in SHIPPED.iterdir()) <= 25 * 2**20
     model = CALMForCausalLM.from_pretrained(SHIPPED).eval()
-    tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
-    assert model.config.patch_size == 4 and model.config.vocab_size == len(tokenizer)
-    inputs = tokenizer([" The game", " = Valkyria Chronicles ="], return_tensors="pt", padding=True)
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED, trust_remote_code=True)
+    assert model.config.vocab_size == len(tokenizer)
+    inputs = tokenizer(["The king", "My lord, I"], return_tensors="pt", padding=True)
     torch.manual_seed(0)
-    output = model.generate(**inputs, max_new_tokens=16, num_samples=50)
+    output = model.generate(**inputs, max_new_tokens=16, num_candidates=50)
     assert output.shape == (2, inputs["input_ids"].shape[1] + 16)
     texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert all(len(text.split()) >= 3 for text in texts), texts
+
+
+def test_shipped_model_card_snippet_runs_with_remote_code_alone(tmp_path):
+    """The card's pipeline snippet, in a fresh offline process with an empty module cache and the package hidden:
+    the folder's own code files are all it needs."""
+    card = (SHIPPED / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    folder = tmp_path / SHIPPED.name
+    folder.symlink_to(SHIPPED)
+    code = "import sys; sys.modules['calm_transformers'] = None  # as on a machine without the package\n" + snippet
+    out = run_python(code, cwd=tmp_path, env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert len(out.split()) >= 5, out
+
+
