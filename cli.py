@@ -15,7 +15,7 @@ import torch
 from .modeling_calm import CALMForCausalLM
 from .utils_calm import DTYPES
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "calm_tiny_wikitext"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "calm_tiny_shakespeare"
 
 
 def folder_problem(name: str, needs: str | None = "config.json", hub_ok: bool = True) -> str | None:
@@ -46,13 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="calm-generate", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", default="The", help="text to continue (default: %(default)r)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder or Hub id (default: the shipped one)")
-    parser.add_argument("--temperature", type=float, default=None, help="in (0, 1]; default: the model's (0.5)")
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="in (0, 1]; default: the model's generation_config"
+    )
     parser.add_argument(
         "--num-candidates",
         "--num-samples",
         type=int,
         default=None,
-        help="candidate chunks drawn per step for temperature < 1 (default: the model's, 200)",
+        help="candidate chunks drawn per step for temperature < 1 (default: the model's generation_config)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (default: float32)")

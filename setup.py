@@ -27,8 +27,8 @@ setup(
     python_requires=">=3.10",
     packages=["calm_transformers"],
     package_dir={"calm_transformers": "."},
-    # The small CALM trained on WikiText-103 (test split) that `calm-generate` uses by default.
-    package_data={"calm_transformers": ["config.json", "calm_tiny_wikitext/*"]},
+    # The small CALM trained on Shakespeare's works that `calm-generate` uses by default.
+    package_data={"calm_transformers": ["config.json", "calm_tiny_shakespeare/*"]},
     cmdclass={"build_py": BuildPackageFromRoot},
     install_requires=[
         "torch>=2.4,<3",

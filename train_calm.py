@@ -47,7 +47,7 @@ from .utils_calm import code_files, save_tokenizer
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|begin_of_text|>", "<|end_of_text|>", "[PAD]"
 STAGES = ("tokenizer", "autoencoder", "lm", "ar")
 
-# The recipe of the small model shipped in `calm_tiny_wikitext/` (overridable with --set key=value).
+# Default model shapes of each stage, small enough for a CPU (overridable with --set key=value).
 DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
     "autoencoder": {
         "hidden_size": 128,

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 
-def curve(results: dict, offset: float = 0.0) -> tuple[list[float], list[float]]:
-    """(FLOPs, BrierLM) at each evaluation in `results["log_history"]`."""
+def curve(results: dict, key: str = "eval_brierlm", offset: float = 0.0) -> tuple[list[float], list[float]]:
+    """(FLOPs, value of `key`) at each evaluation in `results["log_history"]`."""
     per_step = results["train_flops"] / max(results["steps"], 1)
-    points = [(offset + per_step * e["step"], e["eval_brierlm"]) for e in results["log_history"] if "eval_brierlm" in e]
+    points = [(offset + per_step * e["step"], e[key]) for e in results["log_history"] if key in e]
     return [x for x, _ in points], [y for _, y in points]
 
 
@@ -36,13 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     autoencoder, lm, ar = (json.loads(path.read_text()) for path in (args.autoencoder, args.lm, args.ar))
-    figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot(*curve(lm, autoencoder["train_flops"]), "o-", label="CALM (K = 4), incl. autoencoder")
-    axes.plot(*curve(ar), "s-", label="Llama baseline (K = 1)")
-    axes.set_xlabel("training FLOPs")
-    axes.set_ylabel("held-out BrierLM (eval subset)")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    # BrierLM is 0 while Brier-3 or Brier-4 is not positive, as for small models: Brier-1 and Brier-2 show more.
+    figure, panels = plt.subplots(1, 3, figsize=(13, 4))
+    offset = autoencoder["train_flops"]
+    for axes, key, title in zip(
+        panels, ("eval_brierlm", "eval_brier1", "eval_brier2"), ("BrierLM", "Brier-1", "Brier-2"), strict=True
+    ):
+        axes.plot(*curve(lm, key, offset), "o-", label="CALM (K = 4), incl. autoencoder")
+        axes.plot(*curve(ar, key), "s-", label="Llama baseline (K = 1)")
+        axes.set_title(f"held-out {title}")
+        axes.set_xlabel("training FLOPs")
+        axes.grid(alpha=0.3)
+    panels[0].legend()
     figure.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.output, dpi=120)

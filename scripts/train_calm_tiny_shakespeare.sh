@@ -39,4 +39,12 @@ echo "trained in $(( ($(date +%s) - start) / 60 )) min"
 mkdir -p calm_tiny_shakespeare
 cp "$WORK"/lm/{config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json} \
   calm_tiny_shakespeare/
+# The sampling setting measured best for this model (its card: more real words at T = 1 than at T = 0.5).
+python -c "from transformers import GenerationConfig as G; c = G.from_pretrained('calm_tiny_shakespeare')
+c.temperature = 1.0; c.save_pretrained('calm_tiny_shakespeare')"
+for code in modeling_calm.py configuration_calm.py generation_calm.py utils_calm.py; do  # remote code, linked
+  ln -sf "../$code" "calm_tiny_shakespeare/$code"
+done
 python scripts/plot_brierlm.py "$WORK"/{autoencoder,lm,ar}/results.json --output docs/brierlm_vs_flops.png
+# Samples at T = 0.5 and T = 1 for the card, and the share of known words in them.
+python scripts/sample_report.py calm_tiny_shakespeare --output "$WORK/samples.json"
