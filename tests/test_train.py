@@ -448,5 +448,3 @@ def test_shipped_model_card_snippet_runs_with_remote_code_alone(tmp_path):
     code = "import sys; sys.modules['calm_transformers'] = None  # as on a machine without the package\n" + snippet
     out = run_python(code, cwd=tmp_path, env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert len(out.split()) >= 5, out
-
-
