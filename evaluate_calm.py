@@ -337,7 +337,9 @@ def energy_levels(model: CALMForCausalLM, blocks: torch.LongTensor, batch_size: 
             losses = _energy_losses(model, batch.to(device), generator)
             for name in ("model", "context_free", "oracle"):
                 sums[name] += float(losses[name].sum())
-            sums["shuffled"] += float(_energy_losses(model, shuffled.to(device), generator)["model"].sum())
+            sums["shuffled"] += float(
+                _energy_losses(model, shuffled.to(device), generator, references=False)["model"].sum()
+            )
             count += batch.shape[0] * (chunks.shape[1] - 1)
     finally:
         model.train(was_training)
@@ -347,8 +349,11 @@ def energy_levels(model: CALMForCausalLM, blocks: torch.LongTensor, batch_size: 
     return levels
 
 
-def _energy_losses(model: CALMForCausalLM, ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Energy losses [B * (P-1)] of the model's samples, of random chunks' posteriors and of the targets' own."""
+def _energy_losses(
+    model: CALMForCausalLM, ids: torch.Tensor, generator: torch.Generator, references: bool = True
+) -> dict[str, torch.Tensor]:
+    """Energy losses [B * (P-1)] of the model's samples and, with `references`, of random chunks' posteriors and of
+    the targets' own."""
     k, n = model.config.patch_size, model.config.num_samples
     hidden = model(ids[:, :-k]).last_hidden_state.flatten(0, 1)  # [n_targets, d]
     mean, log_std = (x.flatten(0, 1) for x in model.ae_model.encoder(ids[:, k:]))  # [n_targets, l]
@@ -363,12 +368,12 @@ def _energy_losses(model: CALMForCausalLM, ids: torch.Tensor, generator: torch.G
         return -energy_score(samples, mean, log_std, beta=model.config.beta, target_noise=target_noise)
 
     head_noise = draw(n, *hidden.shape[:-1], model.config.noise_size, normal=False) - 0.5
-    others = torch.randint(0, mean.shape[0], (n, mean.shape[0]), generator=generator).to(mean.device)  # [N, n]
-    return {
-        "model": loss(model.generative_head.sample(hidden.expand(n, -1, -1), head_noise)),
-        "context_free": loss(mean[others] + std[others] * draw(n, *mean.shape)),
-        "oracle": loss(mean + std * draw(n, *mean.shape)),
-    }
+    losses = {"model": loss(model.generative_head.sample(hidden.expand(n, -1, -1), head_noise))}
+    if references:
+        others = torch.randint(0, mean.shape[0], (n, mean.shape[0]), generator=generator).to(mean.device)  # [N, n]
+        losses["context_free"] = loss(mean[others] + std[others] * draw(n, *mean.shape))
+        losses["oracle"] = loss(mean + std * draw(n, *mean.shape))
+    return losses
 
 
 def load_model(
