@@ -85,7 +85,7 @@ def test_peft_lora_trains_saves_reloads_and_merges(folder, tmp_path):
 
 
 TWO_PROCESS_SCRIPT = """
-import sys, torch
+import os, pathlib, sys, torch
 from accelerate import Accelerator
 from transformers import Trainer, TrainingArguments
 from calm_transformers import CALMForCausalLM
@@ -112,7 +112,9 @@ else:
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     world = trainer.args.world_size
-print("WORLD", world, "DONE")
+# one file per process: the two processes' stdout lines can interleave
+pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+pathlib.Path(out, f"done-{os.environ['RANK']}").write_text(str(world))
 """
 
 
@@ -129,7 +131,9 @@ def test_two_process_training_of_a_loaded_model(folder, tmp_path, mode):
         [*command, str(folder), mode, str(tmp_path / "out")], capture_output=True, text=True, timeout=240, env=env
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("WORLD 2 DONE") == 2
+    done = sorted(path.name for path in (tmp_path / "out").glob("done-*"))
+    assert done == ["done-0", "done-1"], result.stdout[-2000:]
+    assert all((tmp_path / "out" / name).read_text() == "2" for name in done)  # each process saw a world of 2
 
 
 LM_EVAL_TASK = """
