@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +354,26 @@ def convert(
         push_to_hub, private,
     )  # fmt: skip
 
+    def card() -> str:
+        return model_card(model, push_to_hub or output.name, shlex.join(command), tok is not None)
+
+    _write_folder(model, tok, output, force, card, float32_outputs, verify, max_shard_size)
+    if push_to_hub:
+        push_folder_to_hub(output, push_to_hub, private)
+    return output
+
+
+def _write_folder(
+    model: CALMForCausalLM,
+    tok: Any,
+    output: Path,
+    force: bool,
+    card: Callable[[], str],
+    float32_outputs: dict[str, torch.Tensor] | None,
+    verify: bool,
+    max_shard_size: int | str,
+) -> None:
+    """Write weights, tokenizer and card to a temporary folder beside `output`, verify it, then rename it."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
@@ -361,9 +382,7 @@ def convert(
         _check_saved_weights(staging, model)
         if tok is not None:
             save_tokenizer(tok, staging)
-        (staging / "README.md").write_text(
-            model_card(model, push_to_hub or output.name, shlex.join(command), tok is not None), encoding="utf-8"
-        )
+        (staging / "README.md").write_text(card(), encoding="utf-8")
         if verify:
             verify_conversion(model, staging, float32_outputs)
         _match_umask(staging)
@@ -372,9 +391,6 @@ def convert(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(f"Wrote {output}")
-    if push_to_hub:
-        push_folder_to_hub(output, push_to_hub, private)
-    return output
 
 
 def _conversion_command(
@@ -518,22 +534,7 @@ def load_tokenizer(folder: str | Path, calm_config: dict[str, Any]) -> Any:
     return tokenizer
 
 
-def model_card(model: CALMForCausalLM, name: str, command: str, has_tokenizer: bool) -> str:
-    """README.md of the output folder: Hub metadata, what the model is, usage, and how it was converted."""
-    config = model.config
-    ae_params = sum(p.numel() for p in model.ae_model.parameters())
-    lm_params = sum(p.numel() for p in model.parameters()) - ae_params
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    heads = f"{config.num_attention_heads} heads ({config.num_key_value_heads} key-value heads)"
-    tokenizer_note = (
-        ""
-        if has_tokenizer
-        else (
-            "\n> This folder has no tokenizer: load one separately (the released CALM models use the Llama 3 tokenizer "
-            "plus a `[PAD]` token) and pass it as `tokenizer=` to `pipeline`.\n"
-        )
-    )
-    return f"""---
+MODEL_CARD = """---
 library_name: transformers
 pipeline_tag: text-generation
 tags:
@@ -545,18 +546,18 @@ tags:
 # {name}
 
 A CALM (Continuous Autoregressive Language Model) in the Hugging Face `transformers` format. CALM
-([Shao, Li, Meng and Zhou, 2025]({PAPER_URL})) predicts one continuous vector per chunk of
-{config.patch_size} tokens instead of one token at a time: an autoencoder maps each chunk to a vector and back, and
+([Shao, Li, Meng and Zhou, 2025]({paper_url})) predicts one continuous vector per chunk of
+{k} tokens instead of one token at a time: an autoencoder maps each chunk to a vector and back, and
 a Llama backbone with an energy head predicts the next chunk's vector. Converted from the authors' checkpoint
-(code: {CODE_URL}) with `calm-convert` from `calm-transformers`.
+(code: {code_url}) with `calm-convert` from `calm-transformers`.
 
 | | |
 |---|---|
-| Parameters | {lm_params / 1e6:.0f}M language model + {ae_params / 1e6:.0f}M autoencoder |
-| Tokens per step (K) | {config.patch_size} |
-| Backbone | {config.num_hidden_layers} layers, hidden size {config.hidden_size}, {heads} |
-| Energy head | {config.num_mlp_layers} blocks, noise size {config.noise_size}, latent size {config.latent_size} |
-| Vocabulary | {config.vocab_size} tokens |
+| Parameters | {lm_millions:.0f}M language model + {ae_millions:.0f}M autoencoder |
+| Tokens per step (K) | {k} |
+| Backbone | {layers} layers, hidden size {hidden}, {heads} |
+| Energy head | {head_blocks} blocks, noise size {noise}, latent size {latent} |
+| Vocabulary | {vocab} tokens |
 | Weights | {dtype}, safetensors |
 
 ## Usage
@@ -570,7 +571,7 @@ generator = pipeline("text-generation", model="{name}", trust_remote_code=True)
 print(generator("The capital of France is", max_new_tokens=32)[0]["generated_text"])
 ```
 {tokenizer_note}
-Each step samples a whole chunk of {config.patch_size} tokens. `temperature` must be in (0, 1]: below 1, each step
+Each step samples a whole chunk of {k} tokens. `temperature` must be in (0, 1]: below 1, each step
 draws `num_candidates` candidate chunks and picks one with probability proportional to its estimated probability to
 the power 1/T; `temperature=1.0` draws a single chunk. The defaults (`generation_config.json`) are the authors':
 `temperature=0.5`, `num_candidates=200`.
@@ -605,6 +606,36 @@ loaded in a fresh process, reproduces the original model's autoencoder, backbone
 }}
 ```
 """
+
+NO_TOKENIZER_NOTE = (
+    "\n> This folder has no tokenizer: load one separately (the released CALM models use the Llama 3 tokenizer "
+    "plus a `[PAD]` token) and pass it as `tokenizer=` to `pipeline`.\n"
+)
+
+
+def model_card(model: CALMForCausalLM, name: str, command: str, has_tokenizer: bool) -> str:
+    """README.md of the output folder: Hub metadata, what the model is, usage, and how it was converted."""
+    config = model.config
+    ae_params = sum(p.numel() for p in model.ae_model.parameters())
+    lm_params = sum(p.numel() for p in model.parameters()) - ae_params
+    return MODEL_CARD.format(
+        name=name,
+        command=command,
+        paper_url=PAPER_URL,
+        code_url=CODE_URL,
+        k=config.patch_size,
+        lm_millions=lm_params / 1e6,
+        ae_millions=ae_params / 1e6,
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        heads=f"{config.num_attention_heads} heads ({config.num_key_value_heads} key-value heads)",
+        head_blocks=config.num_mlp_layers,
+        noise=config.noise_size,
+        latent=config.latent_size,
+        vocab=config.vocab_size,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        tokenizer_note="" if has_tokenizer else NO_TOKENIZER_NOTE,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

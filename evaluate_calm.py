@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -128,23 +129,10 @@ def evaluate_brierlm(
     `seed` and `batch_size` (they set the random draws). `rollout_batch_size` caps the roll-out rows per forward
     pass of the discrete estimator, per block (its attention mask is [batch, rows, block_size + 3 rows]).
     """
-    if blocks.dim() != 2 or blocks.dtype != torch.long:
-        raise ValueError(f"blocks must be a LongTensor [n_blocks, block_size], got {blocks.dtype} {blocks.shape}.")
     if batch_size < 1 or rollout_batch_size < 1:
         raise ValueError(f"batch_size and rollout_batch_size must be positive, got {batch_size}, {rollout_batch_size}.")
-    vocab_size = model.get_input_embeddings().num_embeddings
-    if blocks.numel() and (blocks.min() < 0 or blocks.max() >= vocab_size):
-        raise ValueError(
-            f"token ids must lie in [0, {vocab_size}), got [{int(blocks.min())}, {int(blocks.max())}]: the tokenizer "
-            "does not match the model."
-        )
+    _check_blocks(model, blocks)
     calm = is_calm_model(model)
-    patch_size = model.config.patch_size if calm else 1
-    if blocks.shape[1] % patch_size:
-        raise ValueError(f"block_size {blocks.shape[1]} must be a multiple of the model's patch_size={patch_size}.")
-    if min(_positions_per_block(blocks.shape[1], patch_size)) < 1:
-        raise ValueError(f"block_size {blocks.shape[1]} is too short to hold a single {BRIER_MAX_N}-gram target.")
-
     device = next(model.parameters()).device
     sums = torch.zeros(BRIER_MAX_N, dtype=torch.float64)
     counts = torch.zeros(BRIER_MAX_N, dtype=torch.long)
@@ -178,6 +166,23 @@ def evaluate_brierlm(
     }
 
 
+def _check_blocks(model: torch.nn.Module, blocks: torch.Tensor) -> None:
+    """Token blocks that the model can score: ids in its vocabulary, whole chunks, room for one 4-gram target."""
+    if blocks.dim() != 2 or blocks.dtype != torch.long:
+        raise ValueError(f"blocks must be a LongTensor [n_blocks, block_size], got {blocks.dtype} {blocks.shape}.")
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if blocks.numel() and (blocks.min() < 0 or blocks.max() >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}), got [{int(blocks.min())}, {int(blocks.max())}]: the tokenizer "
+            "does not match the model."
+        )
+    patch_size = model.config.patch_size if is_calm_model(model) else 1
+    if blocks.shape[1] % patch_size:
+        raise ValueError(f"block_size {blocks.shape[1]} must be a multiple of the model's patch_size={patch_size}.")
+    if min(_positions_per_block(blocks.shape[1], patch_size)) < 1:
+        raise ValueError(f"block_size {blocks.shape[1]} is too short to hold a single {BRIER_MAX_N}-gram target.")
+
+
 def _positions_per_block(block_size: int, patch_size: int) -> list[int]:
     """How many positions of one block score Brier-1..4: those whose next n tokens lie in the block.
 
@@ -206,7 +211,6 @@ def _discrete_brier_sums(
             "the discrete estimator's roll-out uses a custom 4D attention mask, which "
             f"attn_implementation={attention!r} ignores: load the model with attn_implementation='sdpa' (or 'eager')."
         )
-    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     outputs = model(input_ids=batch, use_cache=True)
     cache = _output_cache(outputs)
     if cache.get_seq_length() != length:
@@ -225,14 +229,29 @@ def _discrete_brier_sums(
     agree = first_pair[..., 0] == first_pair[..., 1]  # [B, T-1]
     sums[0] -= agree.sum().item()
 
-    # Roll out the positions whose two samples agree and whose 2-gram is complete (t <= T-3): per block, its rows
-    # side by side as extra queries on the block's own KV cache (shared, never copied), with a custom 4D mask.
+    # Roll out the positions whose two samples agree and whose 2-gram is complete (t <= T-3).
     rollout = agree & (torch.arange(length - 1, device=batch.device) <= length - 3)
+    sums[1:] -= _rollout_collisions(model, cache, first_pair[..., 0], rollout, rollout_batch_size)
+    return sums, counts
+
+
+def _rollout_collisions(
+    model: torch.nn.Module, cache: Any, first_tokens: torch.Tensor, rollout: torch.Tensor, rollout_batch_size: int
+) -> torch.Tensor:
+    """How often two samples keep agreeing on tokens 2..4 after the positions `rollout` [B, T-1] where their first
+    tokens (`first_tokens` [B, T-1]) agreed: [3] counts for n = 2..4.
+
+    Per block, its rows go side by side as extra queries on the block's own KV cache (shared, never copied), with a
+    custom 4D mask; the cache is cropped back to the block afterwards."""
+    batch_size, length = rollout.shape[0], rollout.shape[1] + 1
+    device = rollout.device
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    collisions = torch.zeros(BRIER_MAX_N - 1, dtype=torch.float64)
     num_rows = int(rollout.sum(1).max())
     rows_b, rows_t = rollout.nonzero(as_tuple=True)
     row_index = (rollout.long().cumsum(1) - 1)[rows_b, rows_t]  # the row's column among its block's rows
     # [B, R]: the position of each row; padding rows (blocks with fewer rows) read position 0 and count for nothing.
-    row_t = torch.zeros(batch_size, num_rows, dtype=torch.long, device=batch.device)
+    row_t = torch.zeros(batch_size, num_rows, dtype=torch.long, device=device)
     row_t[rows_b, row_index] = rows_t
     row_alive = torch.zeros_like(row_t, dtype=torch.bool)
     row_alive[rows_b, row_index] = True
@@ -240,14 +259,14 @@ def _discrete_brier_sums(
     for start in range(0, num_rows, rollout_batch_size):
         t = row_t[:, start : start + rollout_batch_size]  # [B, r]
         alive = row_alive[:, start : start + rollout_batch_size]
-        tokens = first_pair[..., 0].gather(1, t)  # the shared first sampled token, at position t + 1
+        tokens = first_tokens.gather(1, t)  # the shared first sampled token, at position t + 1
         r = t.shape[1]
         # Row t sees the block's tokens 0..t, then its own roll-out tokens (appended r at a time per step).
-        visible = torch.arange(length, device=batch.device) <= t[..., None]  # [B, r, T]
-        own = torch.eye(r, dtype=torch.bool, device=batch.device).expand(batch_size, r, r)
+        visible = torch.arange(length, device=device) <= t[..., None]  # [B, r, T]
+        own = torch.eye(r, dtype=torch.bool, device=device).expand(batch_size, r, r)
         for n in range(2, BRIER_MAX_N + 1):
             visible = torch.cat([visible, own], dim=-1)
-            mask = torch.zeros(visible.shape, dtype=mask_dtype, device=batch.device)
+            mask = torch.zeros(visible.shape, dtype=mask_dtype, device=device)
             mask = mask.masked_fill(~visible, torch.finfo(mask_dtype).min)[:, None]  # additive: eager and SDPA alike
             step = model(
                 input_ids=tokens,
@@ -261,13 +280,13 @@ def _discrete_brier_sums(
             pair = torch.multinomial(step.logits.flatten(0, 1).float().softmax(-1), 2, replacement=True)
             pair = pair.view(batch_size, r, 2)
             alive = alive & (pair[..., 0] == pair[..., 1])
-            sums[n - 1] -= alive.sum().item()
+            collisions[n - 2] += alive.sum().item()
             alive = alive & (t + n + 1 <= length - 1)  # still agreeing, and the (n+1)-gram is complete
             if not alive.any():
                 break
             tokens = pair[..., 0]
         cache.crop(length - cache.get_seq_length())  # drop the roll-out tokens: back to the block's own cache
-    return sums, counts
+    return collisions
 
 
 def _score_and_sample(
