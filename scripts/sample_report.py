@@ -2,6 +2,9 @@
 
     python scripts/sample_report.py calm_tiny_shakespeare [--output scratch/samples.json]
 
+Any causal LM folder works too (e.g. the Llama baseline of the shipped model), sampled token by token at the same
+temperatures.
+
 For each of 20 varied prompts, 64 new tokens are generated (seed fixed). The generated text is lower-cased, its
 punctuation stripped and split on whitespace; a word counts as known if it occurs, treated the same way, in the
 corpora of ../shared/data (Shakespeare's works and the WikiText-103 test set). Prints the share of known words per
@@ -17,8 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from calm_transformers import CALMForCausalLM
-from calm_transformers.evaluate_calm import load_documents
+from calm_transformers.evaluate_calm import load_documents, load_model
 from transformers import AutoTokenizer
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -62,8 +64,9 @@ def known_words(data: Path = SHARED_DATA) -> set[str]:
 
 
 def report(model_path: str, seed: int = 0, max_new_tokens: int = 64) -> dict:
-    model = CALMForCausalLM.from_pretrained(model_path).eval()
+    model = load_model(model_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    calm = model.config.model_type == "calm"
     vocabulary = known_words()
     result: dict = {"model": model_path, "seed": seed, "max_new_tokens": max_new_tokens, "temperatures": {}}
     for temperature in (0.5, 1.0):
@@ -71,9 +74,16 @@ def report(model_path: str, seed: int = 0, max_new_tokens: int = 64) -> dict:
         for index, prompt in enumerate(PROMPTS):
             inputs = tokenizer(prompt, return_tensors="pt")
             generator = torch.Generator().manual_seed(seed + index)
-            output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator
-            )
+            if calm:
+                output = model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator
+                )
+            else:  # a token-level model: transformers' sampling, seeded through the global generator
+                torch.manual_seed(seed + index)
+                output = model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
+                    pad_token_id=tokenizer.pad_token_id,
+                )  # fmt: skip
             text = tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
             generated = words(text)
             known += sum(w in vocabulary for w in generated)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import runpy
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ from calm_transformers.train_calm import (
     train_tokenizer,
 )
 from calm_transformers.utils_calm import code_files, save_tokenizer
-from conftest import REPO, run_python, tiny_config
+from conftest import REPO, SHARED, require_shared, run_python, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 
@@ -411,6 +412,21 @@ def test_data_parallel_two_processes_on_gloo(pipeline, tmp_path):
     assert results["world_size"] == 2 and results["steps"] == 3
     assert results["rows_seen"] == 3 * 2 * 2  # global batch = per-device batch x processes
     assert result.stdout.count('"world_size": 2') == 1  # only the main process reports
+
+
+def test_sample_report_counts_known_words_of_calm_and_llama(pipeline):
+    """scripts/sample_report.py (the shipped model's known-word share) on a CALM and on its Llama baseline."""
+    require_shared(SHARED / "data")
+    report = runpy.run_path(str(REPO / "scripts" / "sample_report.py"))
+    assert report["words"]("O, Romeo! 'tis I.") == ["o", "romeo", "tis", "i"]
+    vocabulary = report["known_words"]()
+    assert {"romeo", "tis", "thou"} <= vocabulary and "xqzvk" not in vocabulary
+    for stage in ("lm", "ar"):
+        with one_thread():
+            result = report["report"](str(pipeline[stage]), max_new_tokens=8)
+        for part in result["temperatures"].values():
+            assert len(part["samples"]) == 20 and part["words"] > 0
+            assert 0 <= part["known_word_share"] <= 1
 
 
 def test_shipped_model_loads_and_generates():
