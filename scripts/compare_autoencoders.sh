@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # Autoencoders on Shakespeare's works (latent size, kl_weight), same schedule: held-out accuracy, accuracy with noise
 # on the latent, the context-free and oracle energy levels an LM would learn between, and the share of real words
-# in text decoded from latents that are not exactly a chunk's (docs/training.md):
-#   - context-free: random held-out chunks' posterior samples, side by side (what a model that ignores its context
-#     would write at best);
-#   - prior: N(0, I) draws (what the decoder makes of the space between chunks).
-#   scripts/compare_autoencoders.sh [WORK_DIR]      # about 12 minutes on 2 CPU cores
+# in text decoded from latents that are not exactly a chunk's (scripts/decode_diagnostics.py; docs/training.md).
+#   scripts/compare_autoencoders.sh [WORK_DIR]      # about 15 minutes on 2 CPU cores; trained ones are reused
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -22,32 +19,19 @@ for v in "l64_kl1e-3 latent_size=64 kl_weight=0.001" "l32_kl1e-3 latent_size=32 
      --batch-size 4 --max-steps 1200 --lr 3e-3 --warmup-steps 50 --lr-scheduler cosine --logging-steps 400 \
      --set hidden_size=128 --set intermediate_size=256 "${sets[@]}" > $W/$name.log 2>&1
   python - $W/$name <<'PY'
-import sys, json, runpy, torch
+import sys, json, runpy
 from transformers import PreTrainedTokenizerFast
 from calm_transformers import CALMAutoencoder
 from calm_transformers.train_calm import build_calm, lm_blocks
 from calm_transformers.evaluate_calm import energy_levels, load_documents
-report = runpy.run_path("scripts/sample_report.py")
-vocabulary, words = report["known_words"](), report["words"]
+diagnostics = runpy.run_path("scripts/decode_diagnostics.py")
 ae = CALMAutoencoder.from_pretrained(sys.argv[1]).eval(); tok = PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
-docs = load_documents("../shared/data/shakespeare_works.json")[-2:]
-blocks = lm_blocks(tok, docs, 512)[:16]
+blocks = lm_blocks(tok, load_documents(diagnostics["SHAKESPEARE"])[-2:], 512)[:16]
 m = build_calm(ae, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
-lv = energy_levels(m, blocks)
-
-def known_share(ids):
-    decoded = [words(tok.decode(row, skip_special_tokens=True)) for row in ids]
-    return sum(w in vocabulary for row in decoded for w in row) / sum(len(row) for row in decoded)
-
-torch.manual_seed(0)
-with torch.no_grad():
-    mean, log_std = ae.encode(blocks)  # [16, 128, l]
-    flat = torch.randperm(mean.shape[0] * mean.shape[1])
-    context_free = (mean.flatten(0, 1)[flat] + log_std.flatten(0, 1)[flat].exp() * torch.randn_like(mean.flatten(0, 1)))
-    context_free = known_share(ae.decode_tokens(context_free.view_as(mean)))
-    prior = known_share(ae.decode_tokens(torch.randn_like(mean)))
+levels = energy_levels(m, blocks)
+shares = diagnostics["decoded_word_shares"](ae, tok, blocks)
 r = json.load(open(sys.argv[1] + "/results.json"))
-print(sys.argv[1], r["eval"], "context_free %.3f oracle %.3f" % (lv["context_free"], lv["oracle"]),
-      "known words: context-free chunks %.3f prior %.3f" % (context_free, prior))
+print(sys.argv[1], r["eval"], "context_free %.3f oracle %.3f" % (levels["context_free"], levels["oracle"]),
+      "real words: context-free chunks %.3f prior %.3f" % (shares["context_free"], shares["prior"]))
 PY
 done
