@@ -429,6 +429,20 @@ def test_sample_report_counts_known_words_of_calm_and_llama(pipeline):
             assert 0 <= part["known_word_share"] <= 1
 
 
+def test_decode_diagnostics_on_the_shipped_autoencoder():
+    """scripts/decode_diagnostics.py (docs/training.md): held-out text is real words, and so is what the shipped
+    autoencoder decodes from each chunk's own posterior; N(0, I) draws decode to far fewer."""
+    require_shared(SHARED / "data")
+    diagnostics = runpy.run_path(str(REPO / "scripts" / "decode_diagnostics.py"))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(SHIPPED)
+    documents = diagnostics["load_documents"](diagnostics["SHAKESPEARE"])[-2:]
+    blocks = lm_blocks(tokenizer, documents, 256)[:4]
+    with one_thread():
+        shares = diagnostics["decoded_word_shares"](diagnostics["load_autoencoder"](str(SHIPPED)), tokenizer, blocks)
+    assert shares["text"] > 0.95 and shares["oracle"] > 0.95
+    assert shares["prior"] < shares["oracle"] - 0.1
+
+
 def test_shipped_model_loads_and_generates():
     files = {p.name for p in SHIPPED.iterdir()}
     assert {
