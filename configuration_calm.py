@@ -156,10 +156,11 @@ class CALMConfig(PretrainedConfig):
         if rope_scaling is not None:  # 5.x warns on this legacy field; only 4.57 needs it, and only when set
             self.rope_scaling = rope_scaling
         if autoencoder_config is None:  # the released autoencoder's shape, with this model's vocabulary and chunks
-            special = {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
-            autoencoder_config = {"vocab_size": vocab_size, "patch_size": patch_size, "latent_size": latent_size}
-            autoencoder_config.update(special)
-        if isinstance(autoencoder_config, dict):
+            autoencoder_config = CALMAutoencoderConfig(
+                vocab_size=vocab_size, patch_size=patch_size, latent_size=latent_size,
+                pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            )  # fmt: skip
+        elif isinstance(autoencoder_config, dict):
             autoencoder_config = CALMAutoencoderConfig(**autoencoder_config)
         self.autoencoder_config = autoencoder_config
         self._validate()  # before the base class, whose own checks give less helpful messages

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from calm_transformers.evaluate_calm import load_documents, load_model
+from calm_transformers.evaluate_calm import is_calm_model, load_documents, load_model
 from transformers import AutoTokenizer
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -66,7 +66,7 @@ def known_words(data: Path = SHARED_DATA) -> set[str]:
 def report(model_path: str, seed: int = 0, max_new_tokens: int = 64) -> dict:
     model = load_model(model_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    calm = model.config.model_type == "calm"
+    calm = is_calm_model(model)
     vocabulary = known_words()
     result: dict = {"model": model_path, "seed": seed, "max_new_tokens": max_new_tokens, "temperatures": {}}
     for temperature in (0.5, 1.0):
