@@ -3,8 +3,10 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_calm import CALMAutoencoderConfig, CALMConfig
+from .evaluate_calm import brier_scores, calm_brier_scores
 from .generation_calm import temperature_sampling
-from .modeling_calm import CALMAutoencoder, CALMForCausalLM, brier_scores, energy_score
+from .heads_calm import HEADS, energy_score
+from .modeling_calm import CALMAutoencoder, CALMForCausalLM
 
 # With the package imported, the Auto classes (and so pipeline and AutoTokenizer, which read config.json) know
 # CALM without trust_remote_code. Remote-code loading never runs this file (it imports the model files alone), and
@@ -18,11 +20,13 @@ if __name__ == "calm_transformers":
     AutoModel.register(CALMConfig, CALMForCausalLM, exist_ok=True)  # its forward returns the backbone states
 
 __all__ = [
+    "HEADS",
     "CALMAutoencoder",
     "CALMAutoencoderConfig",
     "CALMConfig",
     "CALMForCausalLM",
     "brier_scores",
+    "calm_brier_scores",
     "energy_score",
     "temperature_sampling",
 ]

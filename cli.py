@@ -13,33 +13,9 @@ from pathlib import Path
 import torch
 
 from .modeling_calm import CALMForCausalLM
-from .utils_calm import DTYPES
+from .utils_calm import DTYPES, device_problem, folder_problem
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "calm_tiny_shakespeare"
-
-
-def folder_problem(name: str, needs: str | None = "config.json", hub_ok: bool = True) -> str | None:
-    """A message if `name` is plainly a local path (not a Hub id such as `org/model`) but no folder is there, or a
-    folder without the file `needs` (a model's config.json); None otherwise. With `hub_ok=False` only an existing
-    local folder will do."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if needs and not (path / needs).is_file():
-            return f"{name} has no {needs}: pass a folder written by save_pretrained or calm-convert."
-    elif not hub_ok:
-        return f"no folder at {name}: pass an existing local folder."
-    elif path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-        return f"no folder at {name}: pass an existing folder, or a Hub id such as org/model."
-    return None
-
-
-def device_problem(name: str) -> str | None:
-    """A message if tensors cannot go to device `name` here (unknown name, no such GPU, torch built without it)."""
-    try:
-        torch.empty(0, device=name)
-    except (RuntimeError, AssertionError, NotImplementedError) as error:  # what torch raises for each of those
-        return f"--device {name} is not usable here ({str(error).splitlines()[0]}); use e.g. --device cpu."
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--num-candidates",
-        "--num-samples",
         type=int,
         default=None,
         help="candidate chunks drawn per step for temperature < 1 (default: the model's generation_config)",
@@ -76,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = CALMForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
-    except OSError as error:  # transformers' error for a folder or Hub id without a model or tokenizer
+    except (OSError, ValueError) as error:  # a folder or Hub id without a model or tokenizer, or not a CALM
         parser.error(f"could not load --model {args.model}: {error}")
     if args.seed is not None:
         torch.manual_seed(args.seed)

@@ -15,6 +15,30 @@ LLAMA3_VOCAB_SIZE = 128257
 LLAMA3_BOS, LLAMA3_EOS, LLAMA3_PAD = 128000, 128001, 128256
 
 
+# The authors' classes, as their checkpoints' `architectures` name them (their head: energy, diffusion or flow).
+AUTHORS_ARCHITECTURES = ("EnergyTransformer", "DiffusionTransformer", "FlowTransformer")
+
+
+def check_model_type(config_class: type[PretrainedConfig], config_dict: dict[str, Any]) -> None:
+    """Refuse a config of another kind of model, so that no CALM is built with random weights from, say, a Llama
+    folder. `model_type` decides; without it (the authors' checkpoints have none), `architectures`."""
+    model_type = config_dict.get("model_type") or None
+    architectures = config_dict.get("architectures") or []
+    if set(architectures) & set(AUTHORS_ARCHITECTURES) and model_type in (None, "energy", "diffusion", "flow"):
+        raise ValueError(
+            f"this is a checkpoint of the authors' code ({', '.join(architectures)}), not a {config_class.__name__}: "
+            "convert it first with calm-convert."
+        )
+    if model_type not in (None, config_class.model_type):
+        what = f"model_type {model_type!r}" + (f", {', '.join(architectures)}" if architectures else "")
+        use = (
+            "load a CALM language model with CALMForCausalLM, its autoencoder with CALMAutoencoder"
+            if model_type in (CALMConfig.model_type, CALMAutoencoderConfig.model_type)
+            else "load it with transformers' AutoModelForCausalLM (calm-eval scores such models as they are)"
+        )
+        raise ValueError(f"this is not a {config_class.__name__} ({what}): {use}.")
+
+
 def _check_positive(config: PretrainedConfig, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(config, name)
@@ -26,6 +50,11 @@ class CALMAutoencoderConfig(PretrainedConfig):
     """The autoencoder that maps `patch_size` tokens to one `latent_size` vector and back (paper section 2)."""
 
     model_type = "calm_autoencoder"
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CALMAutoencoderConfig:
+        check_model_type(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
     def __init__(
         self,
@@ -92,6 +121,11 @@ class CALMConfig(PretrainedConfig):
     sub_configs = {"autoencoder_config": CALMAutoencoderConfig}
     keys_to_ignore_at_inference = ["past_key_values"]
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CALMConfig:
+        check_model_type(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
+
     def __init__(
         self,
         vocab_size: int = LLAMA3_VOCAB_SIZE,
@@ -118,6 +152,13 @@ class CALMConfig(PretrainedConfig):
         num_samples: int = 8,
         num_target_samples: int = 100,
         beta: float = 1.0,
+        head_type: str = "energy",
+        diffusion_steps: int = 100,
+        diffusion_temperature: float = 1.0,
+        diffusion_t0_nll: bool = True,
+        flow_steps: int = 10,
+        flow_solver: str = "midpoint",
+        flow_floor_time: bool = True,
         autoencoder_config: dict | CALMAutoencoderConfig | None = None,
         pad_token_id: int | None = LLAMA3_PAD,
         bos_token_id: int | None = LLAMA3_BOS,
@@ -148,6 +189,20 @@ class CALMConfig(PretrainedConfig):
         self.num_samples = num_samples
         self.num_target_samples = num_target_samples
         self.beta = beta
+        # The generative head (CALM_SPEC section 9): "energy" (the paper's), or the authors' "diffusion" / "flow".
+        # Diffusion: ancestral sampling of the 1000-step cosine process respaced to `diffusion_steps` (IDDPM);
+        # `diffusion_temperature` scales its per-step noise (MAR's head temperature; the authors leave it at 1);
+        # `diffusion_t0_nll`: at t = 0 the variational term is the discretized 8-bit image likelihood, as the
+        # authors' (False: the Gaussian KL, as at t > 0). Flow: `flow_steps` steps of `flow_solver` ("midpoint",
+        # 2 network passes a step; "euler" is the authors' unused branch, which ran 20 steps); `flow_floor_time`:
+        # the network embeds floor(1000 t), as the authors' (False: 1000 t unrounded).
+        self.head_type = head_type
+        self.diffusion_steps = diffusion_steps
+        self.diffusion_temperature = diffusion_temperature
+        self.diffusion_t0_nll = diffusion_t0_nll
+        self.flow_steps = flow_steps
+        self.flow_solver = flow_solver
+        self.flow_floor_time = flow_floor_time
 
         rope_theta, rope_scaling, self.rope_parameters = _rope_fields(
             rope_theta, rope_scaling, kwargs.pop("rope_parameters", None)
@@ -189,6 +244,8 @@ class CALMConfig(PretrainedConfig):
                 "num_mlp_layers",
                 "num_samples",
                 "num_target_samples",
+                "diffusion_steps",
+                "flow_steps",
             ),
         )
         if self.head_dim * self.num_attention_heads != self.hidden_size and self.hidden_size % self.num_attention_heads:
@@ -201,8 +258,22 @@ class CALMConfig(PretrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
                 f"({self.num_key_value_heads})."
             )
-        if self.num_samples < 2:
+        if self.head_type not in ("energy", "diffusion", "flow"):
+            raise ValueError(f"head_type must be 'energy', 'diffusion' or 'flow', got {self.head_type!r}.")
+        if self.num_samples < 2 and self.head_type == "energy":
             raise ValueError("num_samples (energy-loss head samples N) must be at least 2: the score compares pairs.")
+        if self.diffusion_steps > 1000:
+            raise ValueError(
+                f"diffusion_steps ({self.diffusion_steps}) respaces the 1000 training timesteps: at most 1000."
+            )
+        if self.flow_solver not in ("midpoint", "euler"):
+            raise ValueError(f"flow_solver must be 'midpoint' or 'euler', got {self.flow_solver!r}.")
+        for name in ("diffusion_t0_nll", "flow_floor_time"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        temperature = self.diffusion_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"diffusion_temperature must be a number >= 0, got {temperature!r}.")
         if not 0.0 < self.beta < 2.0:
             raise ValueError(f"beta must be in (0, 2) for the energy score to be strictly proper, got {self.beta}.")
         ae = self.autoencoder_config
@@ -215,10 +286,6 @@ class CALMConfig(PretrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        # Only the autoencoder fields that differ from their defaults, to keep config.json readable.
-        nested = self.autoencoder_config.to_diff_dict()
-        nested.pop("transformers_version", None)
-        output["autoencoder_config"] = nested
         # Always write the RoPE base both ways (4.57 and 5.x read different fields).
         output["rope_theta"] = self.rope_theta
         output["rope_parameters"] = dict(self.rope_parameters)
@@ -239,3 +306,10 @@ def _rope_fields(
     if "type" in parameters:  # legacy spelling of rope_type
         parameters["rope_type"] = parameters.pop("type")
     return float(rope_theta), rope_scaling, parameters
+
+
+# `save_pretrained` writes `auto_map` for these, so that saved folders load with `trust_remote_code=True`. Registered
+# here, where the classes are defined: remote code may load this module twice (for AutoConfig and for the model), and
+# each copy must register its own classes.
+CALMConfig.register_for_auto_class()
+CALMAutoencoderConfig.register_for_auto_class()

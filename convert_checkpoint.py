@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_calm import CALMAutoencoderConfig, CALMConfig
-from .modeling_calm import CALMAutoencoder, CALMForCausalLM
+from .configuration_calm import AUTHORS_ARCHITECTURES, CALMAutoencoderConfig, CALMConfig
+from .modeling_calm import CALMForCausalLM
 from .utils_calm import DTYPES, save_tokenizer
 
 # Fields of the authors' configs that are not model architecture (or that we set ourselves).
@@ -49,6 +49,8 @@ _DROPPED_FIELDS = (
     "auto_map",
 )
 AE_PREFIX = "ae_model."
+# The authors' CALM classes and their generative heads (`CALMConfig.head_type`).
+AUTHORS_HEADS = dict(zip(AUTHORS_ARCHITECTURES, ("energy", "diffusion", "flow"), strict=True))
 
 # Verification compares the converted folder, loaded in a fresh process, with the source model cast to the output
 # dtype: the same code on the same weights, so the difference is normally exactly 0. float32 allows an absolute 1e-5;
@@ -138,38 +140,52 @@ def autoencoder_config_from_reference(ae_config: dict[str, Any]) -> CALMAutoenco
 
 
 def config_from_reference(calm_config: dict[str, Any], ae_config: dict[str, Any]) -> CALMConfig:
-    """Translate the authors' `EnergyTransformer` config (+ autoencoder config) into a `CALMConfig`."""
-    head_type = calm_config.get("model_type", "energy")
-    if head_type != "energy":
-        raise NotImplementedError(
-            f"this checkpoint has a {head_type!r} generative head; only the energy head is supported yet "
-            "(the diffusion and flow-matching heads of the reference code are not)."
-        )
+    """Translate the authors' CALM config (+ autoencoder config) into a `CALMConfig` with the checkpoint's head."""
     fields = {k: v for k, v in calm_config.items() if k not in _DROPPED_FIELDS}
-    return CALMConfig(**fields, autoencoder_config=autoencoder_config_from_reference(ae_config))
+    return CALMConfig(
+        **fields, head_type=head_type_of(calm_config), autoencoder_config=autoencoder_config_from_reference(ae_config)
+    )
+
+
+def head_type_of(calm_config: dict[str, Any]) -> str:
+    """The generative head of one of the authors' CALM configs: their saved configs name it only in `architectures`
+    (`model_type` is dropped on saving, CALM_SPEC section 9.1); an explicit `model_type` (a hand-edited config) is
+    honoured, and must agree with `architectures`."""
+    from_architectures = {AUTHORS_HEADS[a] for a in calm_config.get("architectures") or [] if a in AUTHORS_HEADS}
+    model_type = calm_config.get("model_type") or None
+    if len(from_architectures) > 1 or (model_type and from_architectures and {model_type} != from_architectures):
+        raise CheckpointError(
+            f"the config's architectures {calm_config.get('architectures')} and model_type {model_type!r} name "
+            "different generative heads; fix config.json to name one."
+        )
+    return model_type or (from_architectures.pop() if from_architectures else "energy")
 
 
 def check_calm_config(calm_config: dict[str, Any], folder: str | Path) -> None:
-    """Fail before reading any weights when `folder` is not the authors' energy-head CALM checkpoint.
+    """Fail before reading any weights when `folder` is not one of the authors' CALM checkpoints.
 
-    Their config's `model_type` names the generative head ("energy", "diffusion" or "flow"), not a transformers model.
+    Their config's `model_type`, when there is one, names the generative head ("energy", "diffusion" or "flow"), not
+    a transformers model.
     """
     architectures = calm_config.get("architectures") or []
-    head_type = calm_config.get("model_type", "energy")
     if "Autoencoder" in architectures:
         raise CheckpointError(
             f"{folder} holds an autoencoder checkpoint, not a CALM language model; pass it as the autoencoder."
         )
-    if head_type in ("diffusion", "flow") or any("Diffusion" in a or "Flow" in a for a in architectures):
-        raise NotImplementedError(
-            f"{folder} is a CALM checkpoint with a {head_type!r} generative head (architectures {architectures}): "
-            "diffusion and flow-matching heads are not supported yet; only the energy head (EnergyTransformer) is."
-        )
-    if head_type != "energy" or (architectures and "EnergyTransformer" not in architectures):
+    head_type = head_type_of(calm_config)
+    if head_type not in set(AUTHORS_HEADS.values()) or (architectures and not set(architectures) & set(AUTHORS_HEADS)):
         hint = " It is already converted: load it with from_pretrained." if head_type == "calm" else ""
         raise CheckpointError(
             f"{folder} is not the authors' CALM checkpoint (model_type {head_type!r}, architectures {architectures}); "
-            f"expected architectures ['EnergyTransformer'] with model_type 'energy'.{hint}"
+            f"expected architectures {sorted(AUTHORS_HEADS)} (model_type, if any, 'energy', 'diffusion' or 'flow')."
+            f"{hint}"
+        )
+
+
+def check_autoencoder_config(ae_config: dict[str, Any], folder: str | Path) -> None:
+    if "Autoencoder" not in (ae_config.get("architectures") or ["Autoencoder"]):
+        raise CheckpointError(
+            f"{folder} is not an autoencoder checkpoint (architectures: {ae_config.get('architectures')})."
         )
 
 
@@ -216,18 +232,6 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sourc
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_reference_autoencoder(folder: str | Path, dtype: torch.dtype | None = None) -> CALMAutoencoder:
-    """The authors' autoencoder folder (`architectures: ["Autoencoder"]`) as a `CALMAutoencoder`."""
-    config = read_config(folder)
-    if "Autoencoder" not in (config.get("architectures") or ["Autoencoder"]):
-        raise CheckpointError(
-            f"{folder} is not an autoencoder checkpoint (architectures: {config.get('architectures')})."
-        )
-    model = CALMAutoencoder(autoencoder_config_from_reference(config))
-    load_into(model, state_dict_from_reference(read_state_dict(folder)), str(folder))
-    return model.to(dtype) if dtype is not None else model
-
-
 def load_reference_checkpoint(
     calm_folder: str | Path,
     autoencoder_folder: str | Path | None = None,
@@ -244,11 +248,7 @@ def load_reference_checkpoint(
     check_calm_config(calm_config, calm_folder)
     if autoencoder_folder is not None:
         ae_config = read_config(autoencoder_folder)
-        if "Autoencoder" not in (ae_config.get("architectures") or ["Autoencoder"]):
-            raise CheckpointError(
-                f"{autoencoder_folder} is not an autoencoder checkpoint "
-                f"(architectures: {ae_config.get('architectures')})."
-            )
+        check_autoencoder_config(ae_config, autoencoder_folder)
     state_dict = state_dict_from_reference(read_state_dict(calm_folder, progress), prefix=AE_PREFIX)
     if autoencoder_folder is not None:
         ae_state = state_dict_from_reference(read_state_dict(autoencoder_folder, progress))
@@ -643,12 +643,12 @@ def model_card(model: CALMForCausalLM, name: str, command: str, has_tokenizer: b
 
 
 def make_probe(config: CALMConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random token ids (2 rows of 8 chunks) and head noise, the same for every call with the same seed."""
+    """Random token ids (2 rows of 8 chunks) and the seed of the head's draws, the same for every call."""
     generator = torch.Generator().manual_seed(seed)
     num_chunks = 8
     return {
         "input_ids": torch.randint(0, config.vocab_size, (2, num_chunks * config.patch_size), generator=generator),
-        "head_noise": torch.rand((2, num_chunks, config.noise_size), generator=generator) - 0.5,
+        "noise_seed": torch.tensor(seed),
     }
 
 
@@ -658,12 +658,14 @@ def probe_outputs(model: Any, probe: dict[str, torch.Tensor]) -> dict[str, torch
     ids = probe["input_ids"]
     mean, log_std = model.ae_model.encode(ids)
     hidden = model(ids).last_hidden_state
+    head = model.generative_head
+    noise = head.draw_noise(hidden.shape[:-1], torch.Generator().manual_seed(int(probe["noise_seed"])))
     return {
         "autoencoder mean": mean,
         "autoencoder log_std": log_std,
         "decoder logits": model.ae_model.decode(mean),
         "backbone hidden": hidden,
-        "head sample": model.generative_head.sample(hidden, probe["head_noise"].to(hidden.dtype)),
+        "head sample": head.sample(hidden, noise.to(hidden.dtype)),
     }
 
 

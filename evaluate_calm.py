@@ -7,8 +7,8 @@ Brier-1..4, the product clamped at 0 before the 4th root.
 Two estimators, both unbiased and following the authors' code:
 
 - CALM (`estimator: "calm"`): the model has no probabilities, only a sampler. At every chunk start, two independent
-  samples x1, x2 of the next 4 tokens give `1{x1 = y} + 1{x2 = y} - 1{x1 = x2}` (`CALMForCausalLM.forward` in eval
-  mode; for K < 4 it rolls the samples forward to cover 4 tokens).
+  samples x1, x2 of the next 4 tokens give `1{x1 = y} + 1{x2 = y} - 1{x1 = x2}` (`calm_brier_scores`; for K < 4 it
+  rolls the samples forward to cover 4 tokens).
 - Any other causal LM (`estimator: "discrete"`): at every position t (predicting token t + 1), `P(y)` is exact, the
   product of the softmax probabilities of the true next n tokens (teacher forcing), and the collision term
   `sum_x P(x)^2` is estimated by `1{x1 = x2}` for two independent n-grams x1, x2 sampled from the model given the
@@ -28,7 +28,6 @@ Scores are position-weighted means over the whole dataset (sums and counts accum
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import sys
@@ -38,11 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cli import device_problem, folder_problem
-from .configuration_calm import CALMConfig
-from .modeling_calm import BRIER_MAX_N, CALMForCausalLM, energy_score
+from .configuration_calm import AUTHORS_ARCHITECTURES, CALMConfig
+from .heads_calm import energy_score
+from .modeling_calm import CALMForCausalLM
+from .utils_calm import cache_kwarg, chunk_mask_of, device_problem, folder_problem, positions_of
+
+# Brier-n is reported for n-grams of 1..4 tokens; BrierLM is their geometric mean (section 4).
+BRIER_MAX_N = 4
 
 REPO_ROOT = Path(__file__).resolve().parent
 # The WikiText-103 test documents (62, one {"text": ...} per line): the validation text of the paper's BrierLM.
@@ -101,12 +105,116 @@ def pack_documents(tokenizer, documents: list[str], block_size: int, add_bos: bo
     return torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).reshape(num_blocks, block_size)
 
 
-def brierlm(brier: Sequence[float]) -> float:
-    """100 x the geometric mean of Brier-1..4, the product clamped at 0 before the 4th root (as the authors do).
+def brier_scores(
+    sample_a: torch.Tensor, sample_b: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Brier-1..4 from two independent samples per position (section 4).
 
-    Only meaningful when every Brier-n is positive: an even number of negative scores gives a positive product.
+    sample_a, sample_b, targets: [n_positions, L] token ids with L >= 4, the tokens that follow each position.
+    valid: optional [n_positions, L] bool, False where a target token does not exist; an n-gram counts only where
+    its n target tokens exist. Returns [4]: the mean of `1{a=y} + 1{b=y} - 1{a=b}` over positions, per n-gram.
+
+    >>> y = torch.tensor([[5, 6, 7, 8]])
+    >>> brier_scores(y, y, y)  # two samples that both hit the target: 1 + 1 - 1
+    tensor([1., 1., 1., 1.])
     """
-    return 100 * max(math.prod(brier), 0.0) ** (1 / len(brier))
+    scores = []
+    for n in range(1, BRIER_MAX_N + 1):
+        a_hit = (sample_a[:, :n] == targets[:, :n]).all(-1)
+        b_hit = (sample_b[:, :n] == targets[:, :n]).all(-1)
+        collide = (sample_a[:, :n] == sample_b[:, :n]).all(-1)
+        score = a_hit.float() + b_hit.float() - collide.float()
+        keep = valid[:, :n].all(-1) if valid is not None else torch.ones_like(a_hit)
+        scores.append(score[keep].mean() if keep.any() else score.new_tensor(float("nan")))
+    return torch.stack(scores)
+
+
+@torch.no_grad()
+def calm_brier_scores(
+    model: CALMForCausalLM,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Brier-1..4 of a CALM model at every chunk start of `input_ids` [B, P*K], from two head samples per position.
+
+    The targets are the (up to 4) tokens of `labels` (default: input_ids) after each chunk start; a target chunk with
+    a label of -100 is skipped. K >= 4: the first 4 tokens of each decoded sample. K < 4: each sample is rolled out
+    for ceil(4/K) chunks. `noise` replaces the random draws of the two samples, as `generative_head.sample` takes
+    them for hidden states [2, n, d] (n: the scored positions, row-major over batch and chunk).
+
+    >>> from calm_transformers.cli import DEFAULT_MODEL  # the small CALM shipped with the package
+    >>> model = CALMForCausalLM.from_pretrained(DEFAULT_MODEL).eval()
+    >>> calm_brier_scores(model, torch.randint(3, 2000, (2, 64))).shape
+    torch.Size([4])
+    """
+    k = model.config.patch_size
+    labels = input_ids if labels is None else labels
+    inputs = input_ids[:, :-k]
+    token_mask = attention_mask[:, :-k] if attention_mask is not None else None
+    hidden = model(inputs, attention_mask=token_mask, use_cache=False).last_hidden_state  # [B, P-1, d]
+    target_valid = (labels[:, k:].unflatten(1, (-1, k)) != -100).all(-1)  # [B, P-1]
+    hidden = hidden[target_valid]  # [n, d]
+    first_samples = model.generative_head.sample(hidden.expand(2, -1, -1), noise)  # [2, n, l]
+    span = max(BRIER_MAX_N, k)
+    windows = F.pad(labels[:, k:], (0, span), value=-100).unfold(1, span, k)[:, : target_valid.shape[1]]
+    windows = windows[target_valid]  # [n, span]
+    if k >= BRIER_MAX_N:
+        tokens = model.ae_model.decode_tokens(first_samples.unsqueeze(-2))  # [2, n, K]
+    else:
+        tokens = _calm_rollout(model, first_samples, inputs, token_mask, target_valid)  # [2, n, R*K]
+    windows = windows[:, : tokens.shape[-1]]
+    return brier_scores(tokens[0], tokens[1], windows, windows != -100)
+
+
+def _calm_rollout(
+    model: CALMForCausalLM,
+    first_samples: torch.Tensor,
+    inputs: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    target_valid: torch.Tensor,
+) -> torch.Tensor:
+    """For K < 4: continue each of the 2 samples at each position for ceil(4/K) chunks -> [2, n, R*K].
+
+    Every (sample, position) is its own row: the row of position t sees input chunks 0..t (later ones masked out),
+    then its own sampled chunks.
+    """
+    k = model.config.patch_size
+    num_steps = -(-BRIER_MAX_N // k)
+    embeds = model.embed_chunks(inputs, token_mask)  # [B, P-1, d]
+    base_mask = chunk_mask_of(token_mask, k) if token_mask is not None else inputs.new_ones(embeds.shape[:2])
+    positions = positions_of(base_mask)
+    rows_b, rows_t = target_valid.nonzero(as_tuple=True)  # n rows, in the order of the samples
+    rows_mask = base_mask[rows_b] * (torch.arange(embeds.shape[1], device=embeds.device) <= rows_t[:, None])
+    rows_mask = rows_mask.repeat(2, 1)  # [2n, P-1]: both samples
+    _, cache, _ = model.backbone(
+        embeds[rows_b].repeat(2, 1, 1), rows_mask, positions[rows_b].repeat(2, 1), use_cache=True
+    )
+    next_position = positions[rows_b, rows_t].repeat(2)[:, None] + 1  # [2n, 1]
+
+    chunks = [model.ae_model.decode_tokens(first_samples.reshape(-1, 1, first_samples.shape[-1]))]  # [2n, K]
+    for step in range(num_steps - 1):
+        rows_mask = F.pad(rows_mask, (0, 1), value=1)
+        hidden, cache, _ = model.backbone(model.embed_chunks(chunks[-1]), rows_mask, next_position + step, cache)
+        chunks.append(model.ae_model.decode_tokens(model.generative_head.sample(hidden[:, -1]).unsqueeze(1)))
+    return torch.cat(chunks, dim=-1).reshape(2, -1, num_steps * k)
+
+
+def brierlm(brier: Sequence[float], clamp_product: bool = False) -> float:
+    """BrierLM: 100 x the geometric mean of Brier-1..4, and 0 when any Brier-n is not positive (section 4).
+
+    `clamp_product=True` is the authors' training script: the product is clamped at 0 before the 4th root, so that
+    an even number of negative scores gives a positive BrierLM (Brier-1..4 all -0.95 give 95).
+
+    >>> round(brierlm([0.5, 0.4, 0.3, 0.2]), 2), brierlm([-0.5, -0.5, 0.5, 0.5])
+    (33.1, 0.0)
+    >>> brierlm([-0.5, -0.5, 0.5, 0.5], clamp_product=True)
+    50.0
+    """
+    if clamp_product:
+        return 100 * max(math.prod(brier), 0.0) ** (1 / len(brier))
+    return 100 * math.prod(brier) ** (1 / len(brier)) if all(b > 0 for b in brier) else 0.0
 
 
 def is_calm_model(model: torch.nn.Module) -> bool:
@@ -194,8 +302,8 @@ def _positions_per_block(block_size: int, patch_size: int) -> list[int]:
 
 
 def _calm_brier_sums(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums and counts of Brier-1..4 over the batch's positions, from the model's own eval-mode `brier_scores`."""
-    brier = model(input_ids=batch, labels=batch).brier_scores  # [4], means over the batch's positions
+    """Sums and counts of Brier-1..4 over the batch's positions, two head samples at each chunk start."""
+    brier = calm_brier_scores(model, batch)  # [4], means over the batch's positions
     counts = batch.shape[0] * torch.tensor(_positions_per_block(batch.shape[1], model.config.patch_size))
     return brier.double().cpu() * counts, counts
 
@@ -245,7 +353,7 @@ def _rollout_collisions(
     custom 4D mask; the cache is cropped back to the block afterwards."""
     batch_size, length = rollout.shape[0], rollout.shape[1] + 1
     device = rollout.device
-    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_kwarg(model.forward)
     collisions = torch.zeros(BRIER_MAX_N - 1, dtype=torch.float64)
     num_rows = int(rollout.sum(1).max())
     rows_b, rows_t = rollout.nonzero(as_tuple=True)
@@ -274,7 +382,7 @@ def _rollout_collisions(
                 # Rows that stopped may run past the block; clamped, as their draws are ignored.
                 position_ids=(t + n - 1).clamp(max=length - 1),
                 use_cache=True,
-                **{cache_kwarg: cache},
+                **{cache_name: cache},
             )
             cache = _output_cache(step)
             pair = torch.multinomial(step.logits.flatten(0, 1).float().softmax(-1), 2, replacement=True)
@@ -378,16 +486,16 @@ def _energy_losses(
     mean, log_std = (x.flatten(0, 1) for x in model.ae_model.encoder(ids[:, k:]))  # [n_targets, l]
     std = log_std.exp()
 
-    def draw(*shape: int, normal: bool = True) -> torch.Tensor:
-        values = torch.randn(shape, generator=generator) if normal else torch.rand(shape, generator=generator)
-        return values.to(device=mean.device, dtype=mean.dtype)
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(device=mean.device, dtype=mean.dtype)
 
     def loss(samples: torch.Tensor) -> torch.Tensor:
         target_noise = draw(model.config.num_target_samples, *mean.shape)
         return -energy_score(samples, mean, log_std, beta=model.config.beta, target_noise=target_noise)
 
-    head_noise = draw(n, *hidden.shape[:-1], model.config.noise_size, normal=False) - 0.5
-    losses = {"model": loss(model.generative_head.sample(hidden.expand(n, -1, -1), head_noise))}
+    head = model.generative_head
+    head_noise = head.draw_noise((n, *hidden.shape[:-1]), generator).to(device=hidden.device, dtype=hidden.dtype)
+    losses = {"model": loss(head.sample(hidden.expand(n, -1, -1), head_noise))}
     if references:
         others = torch.randint(0, mean.shape[0], (n, mean.shape[0]), generator=generator).to(mean.device)  # [N, n]
         losses["context_free"] = loss(mean[others] + std[others] * draw(n, *mean.shape))
@@ -403,12 +511,8 @@ def load_model(
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     config, _ = PretrainedConfig.get_config_dict(name)
-    if config.get("architectures") == ["EnergyTransformer"]:
-        raise ValueError(
-            f"{name} is a checkpoint of the authors' code: convert it first with `calm-convert` "
-            "(convert_checkpoint.py)."
-        )
-    if config.get("model_type") == CALMConfig.model_type:
+    authors = set(config.get("architectures") or []) & set(AUTHORS_ARCHITECTURES)
+    if config.get("model_type") == CALMConfig.model_type or authors:  # the authors' checkpoints are refused there
         model = CALMForCausalLM.from_pretrained(name, dtype=torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -479,19 +583,21 @@ def main(argv: list[str] | None = None) -> int:
             args.tokenizer or args.model, trust_remote_code=args.trust_remote_code
         )
         model = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
-    except OSError as error:  # transformers' error (naming the folder or Hub id) for missing files
+    except (OSError, ValueError) as error:  # missing files (transformers names them), a folder of another kind
         parser.error(f"could not load the model or its tokenizer: {error}")
-    blocks = pack_documents(tokenizer, selected, args.block_size)[: args.max_blocks]
-
     start = time.perf_counter()
-    result = evaluate_brierlm(
-        model,
-        blocks,
-        args.batch_size,
-        args.seed,
-        progress=not args.no_progress,
-        rollout_batch_size=args.rollout_batch_size,
-    )
+    try:
+        blocks = pack_documents(tokenizer, selected, args.block_size)[: args.max_blocks]
+        result = evaluate_brierlm(
+            model,
+            blocks,
+            args.batch_size,
+            args.seed,
+            progress=not args.no_progress,
+            rollout_batch_size=args.rollout_batch_size,
+        )
+    except ValueError as error:  # blocks the model cannot score (a block size that is not whole chunks, ...)
+        parser.error(str(error))
     result.update(
         model=args.model,
         tokenizer=args.tokenizer or args.model,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, GenerationMixin, StaticCache
-from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import EosTokenCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .utils_calm import check_input_ids, chunk_mask_of, positions_of
@@ -30,10 +30,6 @@ CALM_GENERATION_DEFAULTS = {
     "temperature_sampler": "pool",
 }
 CALM_SETTINGS = ("num_candidates", "prompt_alignment", "temperature_sampler")  # not transformers' own
-# Earlier names of CALM settings, still accepted (num_samples is also the energy loss's sample count in CALMConfig).
-RENAMED_SETTINGS = {"num_samples": "num_candidates"}
-# Settings of earlier versions that no longer exist; a saved generation_config.json may still name them.
-REMOVED_SETTINGS = ("shortlist_size",)
 PROMPT_ALIGNMENTS = ("left", "reference")
 TEMPERATURE_SAMPLERS = ("pool", "exact")
 # None is transformers' default (a DynamicCache); "static" preallocates the whole generation, so that every step
@@ -78,7 +74,14 @@ TOKEN_LOGIT_SETTINGS = {
     "output_scores": (False,),
     "output_logits": (False,),
 }
-IGNORED_MODEL_KWARGS = ("use_cache", "output_attentions", "output_hidden_states", "return_dict", "token_type_ids")
+IGNORED_MODEL_KWARGS = (
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "token_type_ids",
+    "position_ids",  # CALM numbers chunks, not tokens: the loop derives chunk positions from the mask
+)
 
 NoiseSampler = Callable[[tuple, torch.device, torch.dtype], torch.Tensor]
 
@@ -237,23 +240,6 @@ def identical_chunks(
 # Prompts
 
 
-def infer_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos_token_ids: list[int]) -> torch.Tensor:
-    """The mask transformers' `generate` infers for a prompt without one: padding is where the pad token is, unless
-    the pad token is also an EOS token (then it may be text: no padding, and a warning if it occurs)."""
-    has_pad = pad_token_id is not None and bool((input_ids == pad_token_id).any())
-    if not has_pad:
-        return torch.ones_like(input_ids)
-    if pad_token_id in eos_token_ids:
-        warnings.warn(
-            f"input_ids contain the pad token {pad_token_id}, which is also an EOS token, and no attention_mask was "
-            "passed: it is read as text. Pass the tokenizer's attention_mask for padded batches.",
-            UserWarning,
-            stacklevel=4,
-        )
-        return torch.ones_like(input_ids)
-    return (input_ids != pad_token_id).long()
-
-
 def align_prompts(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_size: int, pad_token_id: int, alignment: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,8 +282,7 @@ def align_prompts(
 class GenerationRun:
     """What changes from step to step of one `generate` call."""
 
-    input_ids: torch.Tensor  # [B, prompt_len], as given
-    new_tokens: torch.Tensor  # [B, generated so far]
+    sequences: torch.Tensor  # [B, prompt_len + generated so far]: the prompt as given, then the new tokens
     unfinished: torch.Tensor  # [B] bool
     chunk_embeds: torch.Tensor  # [B, chunks to read next, d]: the prompt's, then the last chunk's
     chunk_mask: torch.Tensor | None  # [B, all chunks]; None when no chunk is padding
@@ -305,15 +290,19 @@ class GenerationRun:
     cache: object | None
     cached: int  # chunks in the cache
     static: bool  # a StaticCache: takes its slots and the mask of all of them
-    max_new_tokens: int
-    min_new_tokens: int
-    eos_ids: torch.Tensor
+    max_length: int  # prompt_len + max_new_tokens
+    min_length: int  # no EOS stops a row before this many tokens (prompt included), as transformers' min_length
     pad_token_id: int
-    criteria: StoppingCriteriaList
+    criteria: StoppingCriteriaList  # transformers' criteria but EOS: length, time, stop strings, the caller's
+    eos_criteria: StoppingCriteriaList
 
 
 class CALMGenerationMixin(GenerationMixin):
-    """`generate` for CALM: one backbone step per chunk of K tokens, batched over rows and candidates."""
+    """`generate` for CALM: one backbone step per chunk of K tokens, batched over rows and candidates.
+
+    The settings, special tokens, attention mask, length budget and stopping criteria are transformers' own
+    (`GenerationMixin`'s preparation steps); the loop is CALM's: chunks of K tokens, a pool of candidates for T < 1.
+    """
 
     @torch.no_grad()
     def generate(
@@ -325,24 +314,34 @@ class CALMGenerationMixin(GenerationMixin):
         *,
         generator: torch.Generator | None = None,
         noise_sampler: NoiseSampler | None = None,
+        tokenizer: object | None = None,
+        custom_generate: str | Callable | None = None,
         **kwargs: object,
     ) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """Generate text K tokens per step. Returns prompt + new tokens, [B, prompt_len + new_len].
 
         Takes transformers' usual arguments (`input_ids` / `inputs`, `attention_mask`, `generation_config`,
         `max_new_tokens`, `max_length`, `min_new_tokens`, `eos_token_id`, `pad_token_id`, `stopping_criteria`,
-        `max_time`, `streamer`, `return_dict_in_generate`, `cache_implementation`) and CALM's own: `temperature` in
-        (0, 1]; `num_candidates`, the pool of chunks drawn per step for T < 1 or `do_sample=False` (earlier name:
-        `num_samples`); `prompt_alignment` ("left", or "reference": the authors' right-padding with [PAD]);
+        `stop_strings` with `tokenizer`, `max_time`, `streamer`, `return_dict_in_generate`, `cache_implementation`)
+        and CALM's own: `temperature` in (0, 1]; `num_candidates`, the pool of chunks drawn per step for T < 1 or
+        `do_sample=False`; `prompt_alignment` ("left", or "reference": the authors' right-padding with [PAD]);
         `temperature_sampler` ("pool": the authors' batch algorithm; "exact": the paper's Algorithm 1).
-        `generator` seeds the draws; `noise_sampler(shape, device, dtype)` replaces the head's uniform noise in
-        [-0.5, 0.5) (for replaying draws).
+        `generator` seeds the draws; `noise_sampler(shape, device, dtype)` replaces the head's random draws (for
+        replaying them). Every stopping criterion, EOS and stop strings included, is checked after each token, so a
+        row ends exactly where it is met, even inside a chunk. `custom_generate` (a decoding loop, or a Hub
+        repository) goes to transformers' `generate`, which prepares the inputs and runs it instead of CALM's loop.
         """
+        if custom_generate is not None:
+            return GenerationMixin.generate(
+                self, inputs, generation_config, stopping_criteria=stopping_criteria, streamer=streamer,
+                tokenizer=tokenizer, custom_generate=custom_generate, **kwargs,
+            )  # fmt: skip
         for name in UNSUPPORTED_ARGUMENTS:
             if kwargs.pop(name, None):
                 raise ValueError(f"CALM generation does not support {name}: CALM has no token logits to process.")
         config, input_ids, attention_mask = self._prepare_generation(inputs, generation_config, generator, kwargs)
-        run = self._start_generation(input_ids, attention_mask, config, stopping_criteria, streamer)
+        criteria = self._get_stopping_criteria(config, stopping_criteria or StoppingCriteriaList(), tokenizer)
+        run = self._start_generation(input_ids, attention_mask, config, criteria, streamer)
         while True:
             hidden = self._backbone_step(run)  # [B, d]
             chunk = self._draw_chunk(hidden, config, generator, noise_sampler)  # [B, K]
@@ -350,8 +349,7 @@ class CALMGenerationMixin(GenerationMixin):
                 break
         if streamer is not None:
             streamer.end()
-        sequences = torch.cat([run.input_ids, run.new_tokens], dim=-1)
-        return GenerateDecoderOnlyOutput(sequences=sequences) if config.return_dict_in_generate else sequences
+        return GenerateDecoderOnlyOutput(sequences=run.sequences) if config.return_dict_in_generate else run.sequences
 
     def _prepare_generation(
         self,
@@ -360,17 +358,22 @@ class CALMGenerationMixin(GenerationMixin):
         generator: torch.Generator | None,
         kwargs: dict,
     ) -> tuple[GenerationConfig, torch.Tensor, torch.Tensor]:
-        """The settings of this call (checked), the prompt ids [B, T] and their mask [B, T] (inferred if absent)."""
+        """The settings of this call (checked, with transformers' special tokens and length budget), the prompt ids
+        [B, T] and their mask [B, T] (inferred from the pad token as transformers does, if absent)."""
         input_ids = kwargs.pop("input_ids", inputs)
         if input_ids is None:
             raise ValueError("generate() needs input_ids (or inputs): a [batch_size, length] tensor of prompt ids.")
         attention_mask = kwargs.pop("attention_mask", None)
+        default_max_length = kwargs.get("max_length") is None and _has_default_max_length(
+            generation_config or self.generation_config
+        )
         config = self._calm_generation_config(generation_config, kwargs)
         if isinstance(input_ids, torch.Tensor):  # before check_input_ids reads the ids on their device
             _check_devices(input_ids.device, self.device, attention_mask, generator)
         check_input_ids(input_ids, self.config.vocab_size)
+        self._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device)
         if attention_mask is None:
-            attention_mask = infer_attention_mask(input_ids, _pad_token_id(config, self.config), _eos_ids(config))
+            attention_mask = self._prepare_attention_mask_for_generation(input_ids, config, {})
         elif attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
@@ -378,17 +381,18 @@ class CALMGenerationMixin(GenerationMixin):
             )
         if bool((attention_mask.sum(-1) == 0).any()):
             raise ValueError("every prompt needs at least one token: a row of attention_mask is all zeros.")
+        prompt_len = input_ids.shape[1]
+        config = self._prepare_generated_length(config, default_max_length, True, "input_ids", prompt_len, input_ids)
+        if config.max_length <= prompt_len:
+            raise ValueError(
+                f"the prompt ({prompt_len} tokens) is already max_length={config.max_length} tokens long; set "
+                "max_new_tokens instead, or a larger max_length."
+            )
         return config, input_ids, attention_mask
 
     def _calm_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
         """transformers' merge of the model's generation config, `generation_config` and kwargs, with CALM's own
         settings (from kwargs, else the config, else CALM's defaults). Settings CALM cannot use raise or warn."""
-        for old, new in RENAMED_SETTINGS.items():
-            if old in kwargs:
-                kwargs.setdefault(new, kwargs.pop(old))
-            if generation_config is not None and getattr(generation_config, new, None) is None:
-                if getattr(generation_config, old, None) is not None:  # a config made with the old name
-                    kwargs.setdefault(new, getattr(generation_config, old))
         calm_settings = {key: kwargs.pop(key) for key in CALM_SETTINGS if key in kwargs}
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         unknown = set(model_kwargs) - set(IGNORED_MODEL_KWARGS)
@@ -396,8 +400,6 @@ class CALMGenerationMixin(GenerationMixin):
             raise ValueError(f"generate() got arguments CALM does not use: {sorted(unknown)}.")
         for key in CALM_SETTINGS:
             saved = getattr(config, key, None)
-            for old, new in RENAMED_SETTINGS.items():  # a generation_config.json saved under the old name
-                saved = getattr(config, old, None) if new == key and saved is None else saved
             calm_settings.setdefault(key, CALM_GENERATION_DEFAULTS[key] if saved is None else saved)
         for key, value in calm_settings.items():
             setattr(config, key, value)
@@ -410,24 +412,20 @@ class CALMGenerationMixin(GenerationMixin):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         config: GenerationConfig,
-        stopping_criteria: StoppingCriteriaList | None,
+        criteria: StoppingCriteriaList,
         streamer: object | None,
     ) -> GenerationRun:
         """Align the prompts into chunks, set up the cache and masks, and embed the prompts' chunks."""
         k, (batch_size, prompt_len) = self.config.patch_size, input_ids.shape
-        max_new_tokens = _max_new_tokens(config, prompt_len)
-        pad_token_id = _pad_token_id(config, self.config)
+        pad_token_id = 0 if config._pad_token_tensor is None else int(config._pad_token_tensor)
         ids, token_mask = align_prompts(input_ids, attention_mask, k, pad_token_id, config.prompt_alignment)
-        num_chunks = ids.shape[1] // k + -(-max_new_tokens // k)
+        num_chunks = ids.shape[1] // k + -(-(config.max_length - prompt_len) // k)
         if num_chunks > self.config.max_position_embeddings:
             raise ValueError(
                 f"prompt + max_new_tokens need {num_chunks} chunks of {k} tokens, more than the model's "
                 f"max_position_embeddings={self.config.max_position_embeddings} chunks; shorten the prompt or "
                 "max_new_tokens."
             )
-        criteria = StoppingCriteriaList(stopping_criteria or [])
-        if config.max_time is not None:
-            criteria.append(MaxTimeCriteria(config.max_time))
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
@@ -440,8 +438,7 @@ class CALMGenerationMixin(GenerationMixin):
         # The backbone reads the prompt's chunks and every new chunk but the last.
         cache = StaticCache(config=self.config, max_cache_len=num_chunks - 1) if static else None
         return GenerationRun(
-            input_ids=input_ids,
-            new_tokens=input_ids.new_zeros(batch_size, 0),
+            sequences=input_ids,
             unfinished=torch.ones(batch_size, dtype=torch.bool, device=input_ids.device),
             chunk_embeds=self.embed_chunks(ids, token_mask),
             chunk_mask=chunk_mask,
@@ -449,11 +446,11 @@ class CALMGenerationMixin(GenerationMixin):
             cache=cache,
             cached=0,
             static=static,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=config.min_new_tokens or 0,
-            eos_ids=torch.tensor(_eos_ids(config), dtype=torch.long, device=input_ids.device),
+            max_length=config.max_length,
+            min_length=config.min_length or 0,
             pad_token_id=pad_token_id,
-            criteria=criteria,
+            criteria=StoppingCriteriaList(c for c in criteria if not isinstance(c, EosTokenCriteria)),
+            eos_criteria=StoppingCriteriaList(c for c in criteria if isinstance(c, EosTokenCriteria)),
         )
 
     def _backbone_step(self, run: GenerationRun) -> torch.Tensor:
@@ -486,7 +483,7 @@ class CALMGenerationMixin(GenerationMixin):
         noise = (
             None
             if noise_sampler is None
-            else noise_sampler((*samples, self.config.noise_size), hidden.device, hidden.dtype)
+            else noise_sampler(self.generative_head.noise_shape(samples), hidden.device, hidden.dtype)
         )
         if pool == 1:  # T = 1: the one draw per row is the sample
             latents = self.generative_head.sample(hidden, noise, generator)  # [B, l]
@@ -516,7 +513,7 @@ class CALMGenerationMixin(GenerationMixin):
             def draw(m: int) -> torch.Tensor:  # m chunks of this row: [m, K]
                 noise = None
                 if noise_sampler is not None:
-                    noise = noise_sampler((1, m, self.config.noise_size), hidden.device, hidden.dtype)
+                    noise = noise_sampler(self.generative_head.noise_shape((1, m)), hidden.device, hidden.dtype)
                 latents = self.generative_head.sample(hidden[row : row + 1], noise, generator, num_samples=m)
                 return self.ae_model.decode_tokens(latents.transpose(0, 1))  # [m, 1, l] -> [m, K]
 
@@ -528,27 +525,38 @@ class CALMGenerationMixin(GenerationMixin):
         )
 
     def _append_chunk(self, run: GenerationRun, chunk: torch.Tensor, streamer: object | None) -> bool:
-        """Append a chunk [B, K] to each row (padding for finished rows; a row stops at its first EOS, even inside a
-        chunk), stream it, and prepare the next step. Returns True when generation is done."""
-        chunk = chunk[:, : run.max_new_tokens - run.new_tokens.shape[1]]  # [B, <=K]
+        """Append a chunk [B, K] to each row (padding for finished rows; a row stops at the first token that meets a
+        stopping criterion, even inside a chunk), stream it, and prepare the next step. Returns True when done."""
+        chunk = chunk[:, : run.max_length - run.sequences.shape[1]]  # [B, <=K]
         chunk = chunk.masked_fill(~run.unfinished[:, None], run.pad_token_id)
-        if run.eos_ids.numel():
-            is_eos = torch.isin(chunk, run.eos_ids)
-            is_eos &= run.new_tokens.shape[1] + torch.arange(chunk.shape[1], device=chunk.device) >= run.min_new_tokens
-            after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-            chunk = chunk.masked_fill(after_eos, run.pad_token_id)
-            run.unfinished &= ~is_eos.any(-1)
-        run.new_tokens = torch.cat([run.new_tokens, chunk], dim=-1)
+        stops = self._stops_in_chunk(run, chunk)  # [B, <=K]
+        after_stop = (stops.long().cumsum(-1) - stops.long()) > 0
+        chunk = chunk.masked_fill(after_stop, run.pad_token_id)
+        run.unfinished &= ~stops.any(-1)
+        run.sequences = torch.cat([run.sequences, chunk], dim=-1)
         if streamer is not None:
             streamer.put(chunk.cpu())
-        if len(run.criteria):
-            run.unfinished &= ~run.criteria(torch.cat([run.input_ids, run.new_tokens], dim=-1), None)
-        if not bool(run.unfinished.any()) or run.new_tokens.shape[1] >= run.max_new_tokens:
+        if not bool(run.unfinished.any()) or run.sequences.shape[1] >= run.max_length:
             return True
         run.chunk_embeds = self.embed_chunks(chunk)
         if run.position_ids is not None:
             run.position_ids = run.position_ids[:, -1:] + 1
         return False
+
+    @staticmethod
+    def _stops_in_chunk(run: GenerationRun, chunk: torch.Tensor) -> torch.Tensor:
+        """[B, <=K] bool: where each row meets a stopping criterion, checked after each token of the chunk as
+        transformers checks after each generated token. EOS counts from `min_length` on (CALM cannot keep the head
+        from drawing it earlier; an early EOS stays in the text)."""
+        sequences = torch.cat([run.sequences, chunk], dim=-1)
+        start = run.sequences.shape[1]
+        stops = []
+        for length in range(start + 1, sequences.shape[1] + 1):
+            stop = run.criteria(sequences[:, :length], None)
+            if len(run.eos_criteria) and length > run.min_length:
+                stop = stop | run.eos_criteria(sequences[:, :length], None)
+            stops.append(stop.to(run.unfinished.device))
+        return torch.stack(stops, dim=-1) & run.unfinished[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -585,7 +593,7 @@ def _check_calm_settings(config: GenerationConfig) -> None:
 
 
 def _warn_about_ignored_settings(config: GenerationConfig) -> None:
-    """Warn about token-logit settings at a value that acts, and settings of earlier versions that are gone."""
+    """Warn about token-logit settings at a value that acts: CALM has no token logits for them to act on."""
     ignored = {
         key: value
         for key, inert in TOKEN_LOGIT_SETTINGS.items()
@@ -600,37 +608,11 @@ def _warn_about_ignored_settings(config: GenerationConfig) -> None:
             UserWarning,
             stacklevel=5,  # the caller of generate
         )
-    removed = [key for key in REMOVED_SETTINGS if getattr(config, key, None) is not None]
-    if removed:
-        warnings.warn(
-            f"CALM generation no longer has the setting(s) {', '.join(removed)}; ignored (the tokens do not depend "
-            "on them). Remove them from generation_config.json to silence this warning.",
-            UserWarning,
-            stacklevel=5,
-        )
 
 
-def _max_new_tokens(config: GenerationConfig, prompt_len: int) -> int:
-    if config.max_new_tokens is not None:
-        return config.max_new_tokens
-    max_new_tokens = config.max_length - prompt_len
-    if max_new_tokens <= 0:
-        raise ValueError(
-            f"the prompt ({prompt_len} tokens) is already max_length={config.max_length} tokens long; set "
-            "max_new_tokens instead, or a larger max_length."
-        )
-    return max_new_tokens
-
-
-def _pad_token_id(config: GenerationConfig, model_config: object) -> int:
-    if config.pad_token_id is not None:
-        return config.pad_token_id
-    return model_config.pad_token_id if model_config.pad_token_id is not None else 0
-
-
-def _eos_ids(config: GenerationConfig) -> list[int]:
-    eos = config.eos_token_id
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+def _has_default_max_length(config: GenerationConfig) -> bool:
+    """Whether `max_length` was left at transformers' default (then `generate` makes 20 new tokens by default)."""
+    return config.max_length is None or config.max_length == GenerationConfig().max_length
 
 
 def _check_devices(

@@ -21,21 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaModel, LlamaRMSNorm
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_calm import CALMAutoencoderConfig, CALMConfig
 from .generation_calm import CALMGenerationMixin, set_calm_generation_defaults
+from .heads_calm import HEADS, LAYER_NORM_EPS, GenerativeHead
 from .utils_calm import CACHE_KWARG, TAKES_CACHE_POSITION, check_input_ids, chunk_mask_of, positions_of, vocab_argmax
-
-try:  # transformers 5: init functions that leave weights loaded from a checkpoint alone
-    from transformers import initialization as init
-except ImportError:  # transformers 4.57
-    init = nn.init
-
-# The authors' LayerNorms (embed_proj and the energy head) use eps 1e-6; the RMSNorms read `rms_norm_eps`.
-LAYER_NORM_EPS = 1e-6
-# Brier-n is reported for n-grams of 1..4 tokens; BrierLM is their geometric mean (section 4).
-BRIER_MAX_N = 4
 
 # The remote-code entry that sends `AutoModel` on a CALM folder to `CALMForCausalLM`.
 AUTO_MODEL_ENTRY = "modeling_calm.CALMForCausalLM"
@@ -67,7 +58,7 @@ class CALMOutput(ModelOutput):
     """Output of `CALMForCausalLM.forward`.
 
     last_hidden_state: [B, P, d], one backbone state per chunk (the state after chunk p predicts chunk p + 1).
-    loss: the energy loss (with labels). brier_scores: [4], Brier-1..4 (with labels, in eval mode).
+    loss: the training loss of the generative head (with labels).
     """
 
     loss: torch.Tensor | None = None
@@ -78,7 +69,6 @@ class CALMOutput(ModelOutput):
         past_key_values: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-    brier_scores: torch.Tensor | None = None
 
     @property
     def logits(self) -> torch.Tensor:
@@ -165,147 +155,6 @@ class CALMDecoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The energy head (paper section 3)
-
-
-class EnergyHeadBlock(nn.Module):
-    """Residual block of the energy head: the noise stream x is refined, conditioned on the hidden state y."""
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.in_ln = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
-        self.linears = nn.Sequential(
-            nn.Linear(2 * hidden_size, hidden_size),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size),
-            nn.SiLU(),
-            nn.Linear(hidden_size, 2 * hidden_size),
-        )
-        self.down_proj = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x [*, d], y [*, d] (or broadcastable to x, e.g. one hidden state for N samples) -> [*, d]."""
-        gate, value = self.linears(torch.cat([self.in_ln(x), y.expand_as(x)], dim=-1)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * value)
-
-
-class EnergyHeadOutputLayer(nn.Module):
-    """LayerNorm -> Linear -> SiLU -> Linear to the latent size (the last Linear starts at zero)."""
-
-    def __init__(self, hidden_size: int, latent_size: int) -> None:
-        super().__init__()
-        self.in_ln = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
-        self.linears = nn.Sequential(
-            nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, latent_size)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linears(self.in_ln(x))
-
-
-class EnergyHead(nn.Module):
-    """The energy head: one forward pass maps (hidden state, uniform noise) to one sample of the next latent."""
-
-    def __init__(self, config: CALMConfig) -> None:
-        super().__init__()
-        d = config.hidden_size
-        self.noise_size = config.noise_size
-        self.noise_embd = nn.Linear(config.noise_size, d)
-        self.hidden_embd = nn.Linear(d, d)
-        self.norm_noise = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
-        self.norm_hidden = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
-        self.mlp_blocks = nn.ModuleList(EnergyHeadBlock(d) for _ in range(config.num_mlp_layers))
-        self.final_layer = EnergyHeadOutputLayer(d, config.latent_size)
-
-    def forward(self, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """hidden [*, d] and noise [*, noise_size] in [-0.5, 0.5) -> latent samples [*, l] (hidden may broadcast)."""
-        x = self.norm_noise(self.noise_embd(noise))
-        y = self.norm_hidden(self.hidden_embd(hidden))
-        for block in self.mlp_blocks:
-            x = block(x, y)
-        return self.final_layer(x)
-
-    def sample(
-        self,
-        hidden: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        num_samples: int | None = None,
-    ) -> torch.Tensor:
-        """hidden [*, d] -> one latent sample [*, l] per row, or `num_samples` of them, [*, num_samples, l].
-
-        `noise` [*, (num_samples,) noise_size], uniform in [-0.5, 0.5), replaces the draw from `generator`.
-        """
-        shape = (*hidden.shape[:-1], *(() if num_samples is None else (num_samples,)), self.noise_size)
-        if num_samples is not None:
-            hidden = hidden.unsqueeze(-2)  # [*, 1, d]: its projection is computed once for all samples
-        if noise is None:
-            noise = torch.rand(shape, generator=generator, device=hidden.device, dtype=hidden.dtype) - 0.5
-        elif noise.shape != shape:
-            raise ValueError(
-                f"noise must have shape {shape} (hidden's leading dims{', num_samples' if num_samples else ''}, "
-                f"noise_size), got {tuple(noise.shape)}."
-            )
-        return self(hidden, noise.to(hidden.dtype))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Scores: the training objective (section 3) and the evaluation metric (section 4)
-
-
-def energy_score(
-    samples: torch.Tensor,
-    mean: torch.Tensor,
-    log_std: torch.Tensor,
-    num_target_samples: int = 100,
-    beta: float = 1.0,
-    target_noise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Monte-Carlo energy score of model samples against the Gaussian posterior of the target (section 3).
-
-    samples: [N, *, l] head samples; mean, log_std: [*, l]; target_noise: [M, *, l] standard normal draws.
-    Returns [*]: `sum_{i!=j} |x_i - x_j|^beta / (N(N-1)) - 2 sum_{i,j} |x_i - y_j|^beta / (N M)` (higher is better).
-
-    >>> samples, mean = torch.zeros(4, 3, 16), torch.zeros(3, 16)
-    >>> energy_score(samples, mean, log_std=mean - 20).shape  # std ~ 2e-9: the samples hit the target
-    torch.Size([3])
-    """
-    n = samples.shape[0]
-    if target_noise is None:
-        target_noise = torch.randn((num_target_samples, *mean.shape), device=mean.device, dtype=mean.dtype)
-    targets = mean + torch.exp(log_std) * target_noise  # [M, *, l]
-    # The diagonal i == j is zero, so summing the full matrix gives the sum over i != j.
-    pairwise = torch.linalg.norm(samples.unsqueeze(1) - samples.unsqueeze(0), dim=-1).pow(beta)  # [N, N, *]
-    spread = pairwise.sum(dim=(0, 1)) / (n * (n - 1))
-    to_target = torch.linalg.norm(samples.unsqueeze(1) - targets.unsqueeze(0), dim=-1).pow(beta)  # [N, M, *]
-    return spread - 2 * to_target.mean(dim=(0, 1))
-
-
-def brier_scores(
-    sample_a: torch.Tensor, sample_b: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Brier-1..4 from two independent samples per position (section 4).
-
-    sample_a, sample_b, targets: [n_positions, L] token ids with L >= 4, the tokens that follow each position.
-    valid: optional [n_positions, L] bool, False where a target token does not exist; an n-gram counts only where
-    its n target tokens exist. Returns [4]: the mean of `1{a=y} + 1{b=y} - 1{a=b}` over positions, per n-gram.
-
-    >>> y = torch.tensor([[5, 6, 7, 8]])
-    >>> brier_scores(y, y, y)  # two samples that both hit the target: 1 + 1 - 1
-    tensor([1., 1., 1., 1.])
-    """
-    scores = []
-    for n in range(1, BRIER_MAX_N + 1):
-        a_hit = (sample_a[:, :n] == targets[:, :n]).all(-1)
-        b_hit = (sample_b[:, :n] == targets[:, :n]).all(-1)
-        collide = (sample_a[:, :n] == sample_b[:, :n]).all(-1)
-        score = a_hit.float() + b_hit.float() - collide.float()
-        keep = valid[:, :n].all(-1) if valid is not None else torch.ones_like(a_hit)
-        scores.append(score[keep].mean() if keep.any() else score.new_tensor(float("nan")))
-    return torch.stack(scores)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -313,21 +162,31 @@ class CALMPreTrainedModel(PreTrainedModel):
     config_class = CALMConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "AELayer", "EnergyHeadBlock"]
+    _no_split_modules = ["LlamaDecoderLayer", "AELayer", "EnergyHeadBlock", "ResBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_flex_attn = True
-    _supports_cache_class = True
+    _can_compile_fullgraph = True  # generate(cache_implementation="static") gives the backbone fixed shapes
     # The energy loss is a mean over positions; Trainer must not rescale it by token counts.
     accepts_loss_kwargs = False
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, *args: object, **kwargs: object
+    ) -> nn.Embedding:
+        """Only to the same size: new tokens need an autoencoder trained with them, which resizing cannot give."""
+        if new_num_tokens not in (None, self.config.vocab_size) or kwargs.get("pad_to_multiple_of") or args:
+            raise NotImplementedError(
+                f"CALM cannot resize its vocabulary ({self.config.vocab_size} -> {new_num_tokens}): the autoencoder "
+                "maps chunks of tokens to latent vectors and back, and new tokens need an autoencoder trained with "
+                "them (calm-train --stage autoencoder, then --stage lm) rather than new embedding rows."
+            )
+        return self.get_input_embeddings()
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, EnergyHead):
-            # The authors zero the head's last projection, so that training starts from predicting 0.
-            init.zeros_(module.final_layer.linears[-1].weight)
-            init.zeros_(module.final_layer.linears[-1].bias)
+        if isinstance(module, GenerativeHead):  # after its layers: the head's own init wins
+            module.init_weights()
 
 
 class CALMAutoencoder(CALMPreTrainedModel):
@@ -378,6 +237,7 @@ class CALMAutoencoder(CALMPreTrainedModel):
         flat = token_states.reshape(-1, token_states.shape[-1])  # [n, a]
         return vocab_argmax(flat, self.vocab_weight(flat.device)).reshape(token_states.shape[:-1])
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -420,7 +280,13 @@ class CALMAutoencoder(CALMPreTrainedModel):
 
 
 class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
-    """CALM language model: Llama backbone over chunks, energy head, frozen autoencoder (paper section 3)."""
+    """CALM language model: Llama backbone over chunks, generative head, frozen autoencoder (paper section 3).
+
+    >>> from calm_transformers.cli import DEFAULT_MODEL  # the small CALM shipped with the package (K = 4)
+    >>> model = CALMForCausalLM.from_pretrained(DEFAULT_MODEL)
+    >>> model(torch.randint(3, 2000, (1, 8))).last_hidden_state.shape  # one state per chunk of 4 tokens
+    torch.Size([1, 2, 256])
+    """
 
     def __init__(self, config: CALMConfig) -> None:
         super().__init__(config)
@@ -430,17 +296,18 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
         self.embed_proj = nn.Sequential(
             nn.Linear(config.patch_size * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         )
-        self.generative_head = EnergyHead(config)
+        self.generative_head = HEADS[config.head_type](config)
         self.ae_model = CALMAutoencoder(config.autoencoder_config)
         self.ae_model.requires_grad_(False)
         self.post_init()
         set_calm_generation_defaults(self.generation_config)
 
     @classmethod
-    def from_pretrained(cls, *args: object, **kwargs: object) -> CALMForCausalLM:
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, *args: object, **kwargs: object) -> CALMForCausalLM | tuple[CALMForCausalLM, dict]:
+        loaded = super().from_pretrained(*args, **kwargs)  # (model, loading info) with output_loading_info=True
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.ae_model.requires_grad_(False)  # loading replaces parameters, and with them the freeze of __init__
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
         """`PreTrainedModel.save_pretrained`; with the model code copied, `AutoModel` also loads this class (its
@@ -486,10 +353,12 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
             attention_mask=chunk_mask,
             position_ids=position_ids,
             **{CACHE_KWARG: cache},
+            return_dict=True,  # whatever config.return_dict says: forward makes the tuple, if asked
             **kwargs,
         )
         return outputs.last_hidden_state, getattr(outputs, CACHE_KWARG, None), outputs
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -498,19 +367,19 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
         past_key_values: object | None = None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        head_noise: torch.Tensor | None = None,
-        target_noise: torch.Tensor | None = None,
+        loss_noise: tuple[torch.Tensor, ...] | None = None,
         **kwargs: object,
     ) -> CALMOutput:
-        """Backbone states per chunk; with `labels`, the energy loss (and Brier-1..4 in eval mode).
+        """Backbone states per chunk; with `labels`, the generative head's loss. A tuple with `return_dict=False`.
 
         input_ids, attention_mask, labels: [B, P*K] (token level; a chunk is attended if any of its tokens is).
         With labels, the inputs are chunks 0..P-2 and the targets chunks 1..P-1; a target chunk with any label of
-        -100 is skipped. `head_noise` [num_samples, n_targets, noise_size] (uniform in [-0.5, 0.5)) and
-        `target_noise` [num_target_samples, n_targets, latent_size] (standard normal) replace the random draws.
+        -100 is skipped. `loss_noise` replaces the loss's random draws, as `generative_head.loss` takes them (the energy
+        head: target draws [num_target_samples, n_targets, latent_size] and head draws [num_samples, n_targets,
+        noise_size]; n_targets row-major over batch and chunk).
+        `output_hidden_states` and `output_attentions` are the backbone's (None: the config's).
         """
         if input_ids is None:
             raise ValueError("CALMForCausalLM.forward needs input_ids (the model embeds whole chunks of tokens).")
@@ -522,12 +391,11 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
             raise ValueError(
                 f"attention_mask has batch size {attention_mask.shape[0]}, input_ids {input_ids.shape[0]}."
             )
-        outputs_wanted = {
-            "output_hidden_states": bool(output_hidden_states),
-            "output_attentions": bool(output_attentions),
-        }
+        # Left out when None, so that the backbone reads the config's defaults (a list of layers: transformers 5).
+        wanted = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        outputs_wanted = {name: value for name, value in wanted.items() if value is not None}
         if labels is not None:
-            return self._energy_loss(input_ids, attention_mask, labels, head_noise, target_noise, **outputs_wanted)
+            return self._loss(input_ids, attention_mask, labels, loss_noise, **outputs_wanted)
 
         chunk_mask = chunk_mask_of(attention_mask, self.patch_size) if attention_mask is not None else None
         token_mask = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
@@ -549,16 +417,15 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
             attentions=outputs.attentions,
         )
 
-    def _energy_loss(
+    def _loss(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
-        head_noise: torch.Tensor | None,
-        target_noise: torch.Tensor | None,
-        **outputs_wanted: bool,
+        loss_noise: tuple[torch.Tensor, ...] | None,
+        **outputs_wanted: bool | list[int] | None,
     ) -> CALMOutput:
-        """The training objective (section 3): the negative energy score of the next chunk, per chunk position."""
+        """The training objective (section 3): the head's loss on the next chunk's posterior, at each chunk position."""
         batch_size, seq_len = input_ids.shape
         k, num_chunks = self.patch_size, seq_len // self.patch_size
         if labels.shape != input_ids.shape:
@@ -581,89 +448,15 @@ class CALMForCausalLM(CALMPreTrainedModel, CALMGenerationMixin):
         hidden, target_ids = hidden[target_valid], target_ids[target_valid]  # [n, d], [n, K]; row-major (batch, chunk)
         with torch.no_grad():
             mean, log_std = self.ae_model.encoder(target_ids.reshape(1, -1))  # [1, n, l]
-        head_input = hidden.unsqueeze(0).expand(self.config.num_samples, -1, -1)  # [N, n, d]
-        samples = self.generative_head.sample(head_input, head_noise)  # [N, n, l]
-        score = energy_score(
-            samples, mean[0], log_std[0], self.config.num_target_samples, self.config.beta, target_noise
-        )
-
-        brier = None
-        if not self.training:
-            with torch.no_grad():
-                brier = self._brier(samples[:2], labels, target_valid, inputs, token_mask, chunk_mask)
         return CALMOutput(
-            loss=-score.mean(),
+            loss=self.generative_head.loss(hidden, mean[0], log_std[0], loss_noise),
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            brier_scores=brier,
         )
-
-    def _brier(
-        self,
-        first_samples: torch.Tensor,
-        labels: torch.Tensor,
-        target_valid: torch.Tensor,
-        inputs: torch.Tensor,
-        token_mask: torch.Tensor | None,
-        chunk_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Brier-1..4 at each target chunk start from two samples per position, first_samples [2, n, l].
-
-        K >= 4: the first 4 tokens of each decoded sample. K < 4: each sample is rolled out for ceil(4/K) chunks.
-        """
-        k = self.patch_size
-        span = max(BRIER_MAX_N, k)
-        # The target n-grams: the (up to 4) label tokens after each chunk start; missing ones are invalid.
-        windows = F.pad(labels[:, k:], (0, span), value=-100).unfold(1, span, k)[:, : target_valid.shape[1]]
-        windows = windows[target_valid]  # [n, span]
-        if k >= BRIER_MAX_N:
-            tokens = self.ae_model.decode_tokens(first_samples.unsqueeze(-2))  # [2, n, K]
-        else:
-            tokens = self._rollout(first_samples, inputs, token_mask, chunk_mask, target_valid)  # [2, n, R*K]
-        windows = windows[:, : tokens.shape[-1]]
-        return brier_scores(tokens[0], tokens[1], windows, windows != -100)
-
-    def _rollout(
-        self,
-        first_samples: torch.Tensor,
-        inputs: torch.Tensor,
-        token_mask: torch.Tensor | None,
-        chunk_mask: torch.Tensor | None,
-        target_valid: torch.Tensor,
-    ) -> torch.Tensor:
-        """For K < 4: continue each of the 2 samples at each position for ceil(4/K) chunks -> [2, n, R*K].
-
-        Every (sample, position) is its own row: the row of position t sees input chunks 0..t (later ones masked
-        out), then its own sampled chunks.
-        """
-        num_steps = -(-BRIER_MAX_N // self.patch_size)
-        embeds = self.embed_chunks(inputs, token_mask)  # [B, P-1, d]
-        base_mask = (
-            chunk_mask
-            if chunk_mask is not None
-            else torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        )
-        positions = positions_of(base_mask)
-        rows_b, rows_t = target_valid.nonzero(as_tuple=True)  # n rows, in the order of the samples
-        rows_mask = base_mask[rows_b] * (torch.arange(embeds.shape[1], device=embeds.device) <= rows_t[:, None])
-        rows_mask = rows_mask.repeat(2, 1)  # [2n, P-1]: both samples
-        _, cache, _ = self.backbone(
-            embeds[rows_b].repeat(2, 1, 1), rows_mask, positions[rows_b].repeat(2, 1), use_cache=True
-        )
-        next_position = positions[rows_b, rows_t].repeat(2)[:, None] + 1  # [2n, 1]
-
-        chunks = [self.ae_model.decode_tokens(first_samples.reshape(-1, 1, first_samples.shape[-1]))]  # [2n, K]
-        for step in range(num_steps - 1):
-            rows_mask = F.pad(rows_mask, (0, 1), value=1)
-            hidden, cache, _ = self.backbone(self.embed_chunks(chunks[-1]), rows_mask, next_position + step, cache)
-            chunks.append(self.ae_model.decode_tokens(self.generative_head.sample(hidden[:, -1]).unsqueeze(1)))
-        return torch.cat(chunks, dim=-1).reshape(2, -1, num_steps * self.patch_size)
 
 
 # `save_pretrained` copies this code (and the files it imports) next to the weights and writes `auto_map`, so that
 # saved folders load with `trust_remote_code=True` and no install.
-CALMConfig.register_for_auto_class()
 CALMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-CALMAutoencoderConfig.register_for_auto_class()
 CALMAutoencoder.register_for_auto_class("AutoModel")

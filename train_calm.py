@@ -38,11 +38,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from .cli import folder_problem
 from .configuration_calm import CALMAutoencoderConfig, CALMConfig
 from .evaluate_calm import energy_levels, evaluate_brierlm, load_documents, pack_documents
 from .modeling_calm import CALMAutoencoder, CALMForCausalLM
-from .utils_calm import code_files, save_tokenizer
+from .utils_calm import code_files, folder_problem, save_tokenizer
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|begin_of_text|>", "<|end_of_text|>", "[PAD]"
 STAGES = ("tokenizer", "autoencoder", "lm", "ar")
@@ -150,12 +149,6 @@ def autoencoder_blocks(
         ids += doc + [pad] * (-len(doc) % patch_size)
     ids += [pad] * (-len(ids) % block_size)
     return torch.tensor(ids, dtype=torch.long).reshape(-1, block_size)
-
-
-def lm_blocks(tokenizer: PreTrainedTokenizerFast, documents: list[str], block_size: int) -> torch.Tensor:
-    """The language models' data (paper section 3): `BOS + text` per document (no EOS), concatenated and cut into
-    rows of `block_size` tokens; chunk boundaries do not follow documents. [n_blocks, block_size]."""
-    return pack_documents(tokenizer, documents, block_size, add_bos=True)
 
 
 class BlockDataset(Dataset):
@@ -478,8 +471,8 @@ def _model_and_data(
     else:
         tokenizer = _load_tokenizer(args.tokenizer, "--tokenizer")
         model = build_llama(tokenizer, **fields)
-    train_blocks = lm_blocks(tokenizer, train_docs, args.block_size)
-    eval_blocks = lm_blocks(tokenizer, eval_docs, args.block_size) if eval_docs else train_blocks[:0]
+    train_blocks = pack_documents(tokenizer, train_docs, args.block_size)
+    eval_blocks = pack_documents(tokenizer, eval_docs, args.block_size) if eval_docs else train_blocks[:0]
     return model, tokenizer, train_blocks, eval_blocks, None
 
 

@@ -16,8 +16,13 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaModel
 
-# The KV-cache keyword of LlamaModel.forward: `cache` in recent 5.x, `past_key_values` before.
-CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+def cache_kwarg(forward: object) -> str:
+    """The KV-cache keyword of a model's `forward`: `cache` in recent transformers 5, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+CACHE_KWARG = cache_kwarg(LlamaModel.forward)
 # transformers 4.57's LlamaModel takes the cache slots to write as `cache_position`; 5.x caches count them.
 TAKES_CACHE_POSITION = "cache_position" in inspect.signature(LlamaModel.forward).parameters
 
@@ -45,7 +50,9 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int, patch_size: int | 
             f"chunks of {patch_size} tokens. Pad the input to a multiple of {patch_size} (and mask the padding with "
             f"attention_mask), or use generate(), which aligns prompts of any length.{hint}"
         )
-    if input_ids.numel() > 0:
+    # Reading the ids' values is a data-dependent branch that torch.compile / torch.export cannot trace: checked in
+    # eager mode only (an out-of-range id then fails in the embedding lookup).
+    if input_ids.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
@@ -89,6 +96,30 @@ def vocab_argmax(states: torch.Tensor, weight: torch.Tensor, block_size: int = 4
         best_value = torch.where(better, value, best_value)
         best_index = torch.where(better, index + start, best_index)
     return best_index
+
+
+def folder_problem(name: str, needs: str | None = "config.json", hub_ok: bool = True) -> str | None:
+    """A message if `name` is plainly a local path (not a Hub id such as `org/model`) but no folder is there, or a
+    folder without the file `needs` (a model's config.json); None otherwise. With `hub_ok=False` only an existing
+    local folder will do."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if needs and not (path / needs).is_file():
+            return f"{name} has no {needs}: pass a folder written by save_pretrained or calm-convert."
+    elif not hub_ok:
+        return f"no folder at {name}: pass an existing local folder."
+    elif path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        return f"no folder at {name}: pass an existing folder, or a Hub id such as org/model."
+    return None
+
+
+def device_problem(name: str) -> str | None:
+    """A message if tensors cannot go to device `name` here (unknown name, no such GPU, torch built without it)."""
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError, NotImplementedError) as error:  # what torch raises for each of those
+        return f"--device {name} is not usable here ({str(error).splitlines()[0]}); use e.g. --device cpu."
+    return None
 
 
 def save_tokenizer(tokenizer: object, folder: str | Path) -> None:

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import runpy
 import sys
 from pathlib import Path
 
 import torch
 from calm_transformers import CALMAutoencoder, CALMForCausalLM
-from calm_transformers.evaluate_calm import load_documents
-from calm_transformers.train_calm import lm_blocks
+from calm_transformers.evaluate_calm import load_documents, pack_documents
+from sample_report import SHARED_DATA, known_words, words  # the script beside this one
 from transformers import PreTrainedTokenizerFast
 
-REPORT = runpy.run_path(str(Path(__file__).resolve().parent / "sample_report.py"))
-SHAKESPEARE = REPORT["SHARED_DATA"] / "shakespeare_works.json"
+SHAKESPEARE = SHARED_DATA / "shakespeare_works.json"
 
 
 def load_autoencoder(folder: str) -> CALMAutoencoder:
@@ -37,7 +35,7 @@ def decoded_word_shares(
     autoencoder: CALMAutoencoder, tokenizer: PreTrainedTokenizerFast, blocks: torch.Tensor, seed: int = 0
 ) -> dict[str, float]:
     """Share of real words in the text decoded from each kind of latent, for token blocks [n, L]."""
-    vocabulary, words = REPORT["known_words"](), REPORT["words"]
+    vocabulary = known_words()
 
     def share(ids: torch.Tensor) -> float:
         decoded = [words(tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.model)
-    blocks = lm_blocks(tokenizer, load_documents(SHAKESPEARE)[-2:], args.block_size)[: args.blocks]
+    blocks = pack_documents(tokenizer, load_documents(SHAKESPEARE)[-2:], args.block_size)[: args.blocks]
     shares = decoded_word_shares(load_autoencoder(args.model), tokenizer, blocks, args.seed)
     print(json.dumps({name: round(value, 4) for name, value in shares.items()}))
     return 0

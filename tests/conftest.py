@@ -12,12 +12,23 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CALM_SHARED", REPO.parent / "shared"))
 FIXTURE = SHARED / "fixtures" / "upstream-tiny"
+SHIPPED = REPO / "calm_tiny_shakespeare"  # the small trained CALM the package ships
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(REPO / "scripts"))  # the scripts' modules, which tests import by name
 
 from calm_transformers import CALMAutoencoderConfig, CALMConfig, CALMForCausalLM  # noqa: E402
 
 PARITY: dict[str, float] = {}
+# Subprocesses of the tests are stopped after this long: a guard against a hang, not a speed limit (a cold, busy
+# 2-core machine runs the slowest of them in a few minutes).
+HANG_TIMEOUT = 3600
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: trains, converts or runs subprocesses (minutes); -m 'not slow' is the fast tier"
+    )
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -117,11 +128,33 @@ def tiny_config(
 def tiny_model(seed: int = 0, **config_kwargs) -> CALMForCausalLM:
     torch.manual_seed(seed)
     model = CALMForCausalLM(tiny_config(**config_kwargs)).eval()
-    # Random weights with a non-zero head output, so that different noise gives different chunks.
+    # Random weights with a non-zero head output (the authors' init zeroes it), so that different noise (and, for the
+    # iterative heads, different hidden states) gives different chunks.
     with torch.no_grad():
-        last = model.generative_head.final_layer.linears[-1]
-        last.weight.normal_(0, 0.5)
+        if model.config.head_type == "energy":
+            model.generative_head.final_layer.linears[-1].weight.normal_(0, 0.5)
+        for name, weight in model.generative_head.named_parameters():
+            if name.endswith("weight") and weight.dim() == 2 and not weight.any():
+                weight.normal_(0, 0.5)
     return model
+
+
+def tiny_tokenizer(vocab_size: int = 96, pad_token: bool = True):
+    """A word-level tokenizer for the tiny models: `<unk>` 0, `<s>` 1 (BOS), `</s>` 2 (EOS), words `w3`, `w4`, ...,
+    and `[PAD]` as the last id (left padding); without `pad_token`, no [PAD] (as the Llama 3 tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    last_word = vocab_size - 1 if pad_token else vocab_size
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, last_word)}}
+    if pad_token:
+        vocab["[PAD]"] = vocab_size - 1
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if pad_token:
+        specials.update(pad_token="[PAD]", padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
 
 
 def on_device(model: CALMForCausalLM, device: str) -> CALMForCausalLM:
@@ -131,13 +164,13 @@ def on_device(model: CALMForCausalLM, device: str) -> CALMForCausalLM:
     return model if device == "cpu" else copy.deepcopy(model).to(device)
 
 
-def run_python(code: str, cwd: Path, env_extra: dict | None = None, timeout: int = 240) -> str:
+def run_python(code: str, cwd: Path, env_extra: dict | None = None) -> str:
     """Run `code` in a fresh offline Python process; return its stdout (fail the test on error)."""
     import subprocess
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env_extra or {})}
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT
     )
     if result.returncode != 0:
         pytest.fail(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import require_torch_compile
+from conftest import HANG_TIMEOUT, require_torch_compile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def run_benchmark(tmp_path: Path, *args: str, ok: bool = True) -> tuple[subproce
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_TIMEOUT,
     )
     if not ok:
         return run, None
@@ -70,7 +70,12 @@ def test_gpu_checks_script_runs_on_cpu(tmp_path):
     bench_args = "--shape tiny --repeats 1 --max-new-tokens 8 --batch-sizes 1 --temperatures 1.0"
     env = {**os.environ, "DEVICE": "cpu", "BENCH_ARGS": bench_args, "PYTHON": sys.executable}
     run = subprocess.run(
-        ["bash", "benchmarks/gpu_checks.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        ["bash", "benchmarks/gpu_checks.sh", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     environment = (out / "environment.txt").read_text()

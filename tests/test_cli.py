@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from calm_transformers.cli import DEFAULT_MODEL, main
-from conftest import REPO
+from conftest import HANG_TIMEOUT, REPO
 
 
 def test_streams_a_continuation_of_the_prompt(capsys):
-    assert main(["The history of the city", "--max-new-tokens", "12", "--num-samples", "16", "--seed", "0"]) == 0
+    assert main(["The history of the city", "--max-new-tokens", "12", "--num-candidates", "16", "--seed", "0"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("The history of the city")
     assert len(text.split()) > len("The history of the city".split())  # new words were streamed after the prompt
@@ -69,7 +69,7 @@ def test_console_script_runs_the_readme_command():
         capture_output=True,
         text=True,
         cwd=REPO.parent,
-        timeout=300,
+        timeout=HANG_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The history of the city")
@@ -95,3 +95,20 @@ def test_help_is_plain_text_and_every_option_has_a_help(module, capsys):
     for line, following in zip(lines, lines[1:] + ["  --"], strict=True):
         if line.lstrip().startswith("-") and following.lstrip().startswith("-"):
             assert "  " in line.strip(), f"{module}: no help for {line.strip()!r}"
+
+
+def test_a_folder_of_another_model_is_refused(tmp_path, capsys):
+    """A Llama folder is not loaded as a CALM with random weights: one line names what it is and what to use."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=2048, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEFAULT_MODEL / name, tmp_path / name)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["Hi", "--model", str(tmp_path), "--max-new-tokens", "4"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "not a CALMConfig (model_type 'llama', LlamaForCausalLM)" in error and "AutoModelForCausalLM" in error

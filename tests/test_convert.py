@@ -21,7 +21,7 @@ import pytest
 import torch
 from calm_transformers import convert_checkpoint as cc
 from calm_transformers.utils_calm import code_files
-from conftest import FIXTURE, REPO, require_shared
+from conftest import FIXTURE, HANG_TIMEOUT, REPO, require_shared, tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -68,15 +68,8 @@ def write_checkpoint(folder: Path, config: dict, state_dict: dict[str, torch.Ten
 
 
 def write_tokenizer(folder: Path, vocab_size: int = 319) -> Path:
-    """A word-level tokenizer of `vocab_size` tokens without a pad token (as the Llama 3 tokenizer lacks [PAD])."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tokenizer.save_pretrained(str(folder))
+    """A tokenizer of `vocab_size` tokens without a pad token (as the Llama 3 tokenizer lacks [PAD])."""
+    tiny_tokenizer(vocab_size, pad_token=False).save_pretrained(str(folder))
     return folder
 
 
@@ -136,7 +129,7 @@ def converted(inputs, tmp_path_factory) -> dict:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_TIMEOUT,
     )
     assert script.returncode == 0, script.stdout + script.stderr[-3000:]
     folders["bf16"] = out / "bf16"
@@ -159,13 +152,27 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 reference = torch.load(sys.argv[1], weights_only=True)
-results = {}
+results, models = {}, {}
 for name, folder in json.loads(sys.argv[2]).items():
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype="auto").eval()
+    models[name] = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype="auto").eval()
+    results[name] = {"module": type(models[name]).__module__, "tokenizer": None}  # None: converted without one
+    if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # 5.x reads the (remote) config
+        results[name]["tokenizer"] = {"len": len(tokenizer), "pad": tokenizer.pad_token_id,
+                                      "side": tokenizer.padding_side, "ids": tokenizer("w5 w6 w7").input_ids}
+        if name == "safetensors":  # the model card's usage: a pipeline with trust_remote_code
+            text = pipeline("text-generation", model=folder, trust_remote_code=True)("w5 w6 w7", max_new_tokens=8)
+            results[name]["pipeline"] = text[0]["generated_text"]
+
+# Brier evaluation lives in the package, not in the folder's code: imported once every folder is loaded through its
+# own code (importing the package registers its classes with the Auto classes).
+from calm_transformers import evaluate_calm as evaluate
+
+for name, model in models.items():
     dtype = next(model.parameters()).dtype
-    code = sys.modules[type(model).__module__]
     diff = lambda got, want: (got.float() - want.float()).abs().max().item()
-    out = {"module": type(model).__module__, "dtype": str(dtype)}
+    out = results[name]
+    out["dtype"] = str(dtype)
     with torch.no_grad():
         mean, log_std = model.ae_model.encode(reference["input_ids"])
         out["ae_mean"], out["ae_log_std"] = diff(mean, reference["ae_mean"]), diff(log_std, reference["ae_log_std"])
@@ -178,32 +185,24 @@ for name, folder in json.loads(sys.argv[2]).items():
         )
         out["head_out"] = diff(head, reference["head_out"])
         evaluation = model(reference["input_ids"], labels=reference["input_ids"],
-                           head_noise=reference["eval_rand"][0] - 0.5, target_noise=reference["eval_randn"][0])
+                           loss_noise=(reference["eval_randn"][0], reference["eval_rand"][0] - 0.5))
         out["eval_loss"] = abs(evaluation.loss.item() - reference["eval_loss"].item())
-        out["eval_brier"] = diff(evaluation.brier_scores, reference["eval_brier"])
+        brier = evaluate.calm_brier_scores(model, reference["input_ids"], noise=reference["eval_rand"][0][:2] - 0.5)
+        out["eval_brier"] = diff(brier, reference["eval_brier"])
         tokens = model.ae_model.decode_tokens(reference["brier_latents"].to(dtype))
         k = model.config.patch_size
         a, b = (t.reshape(-1, k) for t in tokens)
-        brier = code.brier_scores(a, b, reference["brier_targets"].reshape(-1, k))
+        brier = evaluate.brier_scores(a, b, reference["brier_targets"].reshape(-1, k))
         out["brier_expected"] = diff(brier, reference["brier_expected"])
     model.train()
     loss = model(reference["input_ids"], labels=reference["input_ids"],
-                 head_noise=reference["loss_head_noise"] - 0.5, target_noise=reference["loss_target_eps"]).loss
+                 loss_noise=(reference["loss_target_eps"], reference["loss_head_noise"] - 0.5)).loss
     out["loss"] = abs(loss.item() - reference["loss"].item())
     model.eval()
     draws = iter(reference["gen_noise"])
     generated = model.generate(reference["gen_prompt"], max_length=20, do_sample=True, temperature=1.0,
                                noise_sampler=lambda shape, device, dtype: (next(draws) - 0.5).to(dtype))
     out["gen_output"] = generated.tolist()
-    out["tokenizer"] = None  # for a folder converted without a tokenizer
-    if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # 5.x reads the (remote) config
-        out["tokenizer"] = {"len": len(tokenizer), "pad": tokenizer.pad_token_id, "side": tokenizer.padding_side,
-                            "ids": tokenizer("w5 w6 w7").input_ids}
-        if name == "safetensors":  # the model card's usage: a pipeline with trust_remote_code
-            text = pipeline("text-generation", model=folder, trust_remote_code=True)("w5 w6 w7", max_new_tokens=8)
-            out["pipeline"] = text[0]["generated_text"]
-    results[name] = out
 with open(sys.argv[3], "w") as f:
     json.dump(results, f)
 """
@@ -218,7 +217,7 @@ def parity(converted) -> dict:
         cwd=scratch,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_TIMEOUT,
         # An empty module cache: only each folder's own code files can be used.
         env={
             **os.environ,
@@ -297,7 +296,7 @@ def test_output_folder_is_ready_to_upload(converted):
     assert not any(p.name.startswith(".") for p in folder.parent.iterdir()), "a staging folder was left behind"
 
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "calm" and "head_type" not in config
+    assert config["model_type"] == "calm" and config["head_type"] == "energy"
     assert config["architectures"] == ["CALMForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_calm.CALMForCausalLM"
     assert "ae_path" not in config and config["autoencoder_config"]["intermediate_size"] == 160
@@ -484,10 +483,10 @@ def wrong_input(tmp_path: Path, case: str) -> list[str]:
         ae_config = json.loads((fixture / "autoencoder" / "config.json").read_text())
         write_checkpoint(tmp_path / "ae", ae_config, ae, "safetensors")
         return ["--calm", str(fixture / "calm"), "--autoencoder", str(tmp_path / "ae")]
-    if case == "diffusion head":
-        calm_config.update(model_type="diffusion", architectures=["DiffusionTransformer"])
-    if case == "flow head":
-        calm_config.update(model_type="flow", architectures=["FlowTransformer"])
+    if case == "conflicting heads":
+        calm_config.update(model_type="diffusion", architectures=["FlowTransformer"])
+    if case == "energy weights, flow config":
+        calm_config.update(architectures=["FlowTransformer"])
     write_checkpoint(tmp_path / "calm", calm_config, state_dict, "bin")
     return ["--calm", str(tmp_path / "calm")]
 
@@ -504,8 +503,8 @@ def wrong_input(tmp_path: Path, case: str) -> list[str]:
         ("unexpected keys", r"unexpected keys \(1\): extra.weight"),
         ("shape mismatch", r"shape mismatch for embed_proj.2.bias .*checkpoint \(5,\), model \(64,\)"),
         ("different autoencoders", r"ae_model.encoder.norm.weight differs from the autoencoder folder's"),
-        ("diffusion head", r"'diffusion' generative head .*not supported yet"),
-        ("flow head", r"'flow' generative head .*not supported yet"),
+        ("conflicting heads", r"architectures \['FlowTransformer'\] and model_type 'diffusion' name different"),
+        ("energy weights, flow config", r"missing keys \(\d+\): generative_head.net.*unexpected keys"),
     ],
 )
 def test_wrong_inputs_get_clear_errors(tmp_path, case, message):

@@ -14,12 +14,13 @@ import torch
 from calm_transformers.evaluate_calm import (
     DEFAULT_DATA,
     brierlm,
+    calm_brier_scores,
     evaluate_brierlm,
     load_documents,
     main,
     pack_documents,
 )
-from conftest import REPO, require_shared, tiny_model
+from conftest import HANG_TIMEOUT, REPO, require_shared, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 CORPUS = [
@@ -103,13 +104,40 @@ def test_pack_documents(tokenizer_folder):
         pack_documents(tokenizer, CORPUS, block_size=8)
 
 
-def test_brierlm_is_the_clamped_geometric_mean():
+def test_brierlm_is_the_geometric_mean_or_zero():
     assert brierlm([1.0, 1.0, 1.0, 1.0]) == 100
     assert brierlm([0.5, 0.4, 0.4, 0.4]) == pytest.approx(100 * (0.5 * 0.4**3) ** 0.25)
-    assert brierlm([0.5, 0.4, -0.1, 0.4]) == 0  # a negative product is clamped at 0
+    assert brierlm([0.5, 0.4, -0.1, 0.4]) == 0
+    # Four (or two) negative scores multiply to a positive product: BrierLM is still 0 ...
+    assert brierlm([-0.95] * 4) == 0 and brierlm([-0.5, -0.5, 0.5, 0.5]) == 0 and brierlm([0.5, 0.5, 0.5, 0]) == 0
+    # ... while the authors' training script clamps only the product (reachable, documented).
+    assert brierlm([-0.95] * 4, clamp_product=True) == pytest.approx(95)
+    assert brierlm([0.5, 0.4, -0.1, 0.4], clamp_product=True) == 0
 
 
 # --- CALM estimator ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 3])
+def test_brier_rollout_for_small_patches(patch_size):
+    model = tiny_model(patch_size=patch_size)
+    ids = torch.randint(0, 90, (2, 6 * patch_size))
+    brier = calm_brier_scores(model, ids)
+    assert brier.shape == (4,)
+    assert torch.isfinite(brier).all()
+    assert (brier >= -1).all() and (brier <= 1).all()
+
+
+def test_brier_rollout_is_perfect_for_a_deterministic_copy_model():
+    """A model whose every sample is the target gets Brier = 1 on every n-gram, also through the K < 4 roll-out."""
+    model = tiny_model(patch_size=2)
+    ids = torch.zeros((1, 12), dtype=torch.long)
+    with torch.no_grad():
+        model.ae_model.decoder.norm.weight.zero_()  # all logits 0: argmax decodes every latent to token 0
+        assert torch.equal(calm_brier_scores(model, ids), torch.ones(4))
+        ids[0, 6] = 5  # a wrong token at a chunk start lowers every n-gram that covers it
+        worse = calm_brier_scores(model, ids)
+    assert (worse < 1).all()
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
@@ -118,8 +146,7 @@ def test_calm_estimate_reproduces_reference(fixture_model, reference, monkeypatc
     latents = iter(reference["brier_latents"].split(batch_size, dim=1))  # [2 samples, B, P-1 chunks, l] per batch
 
     def recorded_samples(hidden, noise=None, generator=None):
-        two = next(latents).flatten(1, 2)  # [2, n, l], positions row-major over (batch, chunk) as in forward
-        return torch.cat([two, two])[: hidden.shape[0]]  # forward draws num_samples; Brier reads the first two
+        return next(latents).flatten(1, 2)  # [2, n, l], positions row-major over (batch, chunk)
 
     monkeypatch.setattr(fixture_model.generative_head, "sample", recorded_samples)
     k = fixture_model.config.patch_size
@@ -379,8 +406,13 @@ def test_cli_errors(calm_folder, data_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--data", str(data_file)])  # a folder without a model
     assert f"{tmp_path} has no config.json" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="multiple of the model's patch_size=4"):
+    with pytest.raises(SystemExit):  # a one-line error, not a traceback
         main(["--model", str(calm_folder), "--data", str(data_file), "--block-size", "18"])
+    assert "block_size 18 must be a multiple of the model's patch_size=4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the authors' checkpoint: converted first
+        main(["--model", str(require_shared() / "calm"), "--tokenizer", str(calm_folder), "--data", str(data_file)])
+    error = capsys.readouterr().err
+    assert "checkpoint of the authors' code" in error and "calm-convert" in error
 
 
 def test_cli_runs_as_a_script(calm_folder, data_file, tmp_path, monkeypatch):
@@ -392,7 +424,7 @@ def test_cli_runs_as_a_script(calm_folder, data_file, tmp_path, monkeypatch):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=HANG_TIMEOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert run.returncode == 0, run.stderr[-3000:]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
 import pytest
 import torch
+from calm_transformers import CALMForCausalLM
 from calm_transformers.generation_calm import align_prompts, temperature_sampling
-from conftest import DEVICES, on_device, require_torch_compile, tiny_model
+from conftest import DEVICES, SHIPPED, on_device, require_torch_compile, tiny_model, tiny_tokenizer
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 VOCAB = 96
@@ -280,10 +280,70 @@ def test_stopping_criteria_and_max_time(model):
     assert out.shape == (1, 8)  # one chunk, then the time is up
 
 
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped model and its byte-level BPE tokenizer: stop strings are matched on the tokens' text."""
+    from transformers import AutoTokenizer
+
+    return CALMForCausalLM.from_pretrained(SHIPPED).eval(), AutoTokenizer.from_pretrained(SHIPPED)
+
+
+@pytest.mark.parametrize("end", [2, 3, 4, 7])  # the stop ends inside the first chunk, on its last token, later
+def test_stop_strings_end_the_text_exactly(shipped, end):
+    """stop_strings (with tokenizer=, as transformers asks) stop a row at the token that completes the string, even
+    inside a chunk of K tokens: the rest of the row is padding, and the text before it is the free run's."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    model, tokenizer = shipped
+    prompt = tokenizer("My lord, the king", return_tensors="pt").input_ids
+    start = prompt.shape[1]
+    settings = dict(max_new_tokens=16, temperature=1.0, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    free = model.generate(prompt, generator=torch.Generator().manual_seed(0), **settings)
+    # A stop string that spans two tokens: the last character of one and the whole text of the next (new token `end`).
+    pieces = [tokenizer.decode(free[0, start + i : start + i + 1]) for i in (end - 2, end - 1)]
+    stop = pieces[0][-1] + pieces[1]
+    # Where transformers' own criterion, applied to the free run after each token, first fires.
+    criterion = StopStringCriteria(tokenizer, [stop])
+    first = next(n for n in range(start + 1, free.shape[1] + 1) if criterion(free[:, :n], None).item())
+    out = model.generate(
+        prompt, generator=torch.Generator().manual_seed(0), stop_strings=stop, tokenizer=tokenizer, **settings
+    )
+    assert torch.equal(out[0, :first], free[0, :first])
+    assert (out[0, first:] == tokenizer.pad_token_id).all()
+    assert out.shape[1] == start + -(-(first - start) // 4) * 4  # it stopped after the chunk that completed it
+    text = tokenizer.decode(out[0, start:first], clean_up_tokenization_spaces=False)  # the stop ends in its last token
+    assert stop in text and stop not in tokenizer.decode(out[0, start : first - 1], clean_up_tokenization_spaces=False)
+
+
+def test_stop_strings_need_the_tokenizer(model):
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, stop_strings="w5")
+    tokenizer = tiny_tokenizer()  # accepted, and not needed, without stop strings
+    out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, tokenizer=tokenizer, eos_token_id=None)
+    assert out.shape == (1, 8)
+
+
+def test_custom_generate_runs_after_transformers_preparation(model):
+    """custom_generate (transformers' extension point for decoding loops) is passed through: transformers prepares
+    the inputs, the stopping criteria and the length budget, then calls it instead of CALM's loop."""
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    seen = {}
+
+    def decoding_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        seen.update(model=model, criteria=stopping_criteria, max_length=generation_config.max_length)
+        return torch.cat([input_ids, input_ids[:, :1]], dim=-1)
+
+    out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, custom_generate=decoding_loop)
+    assert out.tolist() == [[5, 6, 7, 8, 5]]
+    assert seen["model"] is model and seen["max_length"] == 10
+    assert any(isinstance(criterion, MaxLengthCriteria) for criterion in seen["criteria"])
+
+
 def test_return_dict_and_generation_config(model):
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=5, do_sample=False, num_samples=8, eos_token_id=None)
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, num_candidates=8, eos_token_id=None)
     out = model.generate(torch.tensor([[5, 6, 7, 8]]), generation_config=config, return_dict_in_generate=True)
     assert out.sequences.shape == (1, 9)
     again = model.generate(inputs=torch.tensor([[5, 6, 7, 8]]), generation_config=config)
@@ -317,7 +377,7 @@ def test_saved_generation_config_has_calm_defaults(tmp_path, model):
         (dict(temperature=1.5), r"temperature must be in \(0, 1\]"),
         (dict(temperature=0.0), r"temperature must be in \(0, 1\]"),
         (dict(num_candidates=0), "num_candidates"),
-        (dict(num_samples=0), "num_candidates"),  # the earlier name of the same setting
+        (dict(num_samples=8), "num_samples"),  # the energy loss's field of CALMConfig, not a generation setting
         (dict(num_beams=2), "num_beams"),
         (dict(prompt_alignment="middle"), "prompt_alignment"),
         (dict(temperature_sampler="approximate"), "temperature_sampler must be 'pool'"),
@@ -579,20 +639,3 @@ def test_vocab_argmax_equals_full_logits_argmax(dtype, num_rows, device):
         assert torch.equal(vocab_argmax(states, weight, block_size), expected), block_size
     assert torch.equal(ae.argmax_tokens(states.unsqueeze(0)), expected.unsqueeze(0))  # any leading shape
     assert ae.argmax_tokens(states[:0]).shape == (0,)  # nothing to decode
-
-
-def test_removed_setting_in_a_saved_generation_config_warns(tmp_path, model):
-    """A generation_config.json of an earlier version (with `shortlist_size`, and the pool under its old name
-    `num_samples`) loads and generates, with a warning that names the removed setting."""
-    model.save_pretrained(tmp_path)
-    path = tmp_path / "generation_config.json"
-    saved = json.loads(path.read_text())
-    saved.pop("num_candidates")
-    path.write_text(json.dumps({**saved, "shortlist_size": 64, "num_samples": 3}))
-    old = type(model).from_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match="no longer has the setting.*shortlist_size"):
-        config = old._calm_generation_config(None, {})
-    assert config.num_candidates == 3
-    with pytest.warns(UserWarning, match="shortlist_size"):
-        out = old.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, temperature=0.5)
-    assert out.shape == (1, 8)

@@ -41,7 +41,7 @@ def test_generate_shapes_and_prompt(patch_size, lengths, pad_left, max_new_token
         attention_mask=mask,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
-        num_samples=8,
+        num_candidates=8,
         eos_token_id=None,
         generator=g,
     )

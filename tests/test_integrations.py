@@ -11,8 +11,7 @@ import textwrap
 import pytest
 import torch
 from calm_transformers import CALMForCausalLM
-from conftest import tiny_model
-from test_pipeline import save_tiny_tokenizer
+from conftest import HANG_TIMEOUT, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def folder(tmp_path_factory):
     model = tiny_model(patch_size=4)
     model.generation_config.num_candidates = 16
     model.save_pretrained(path)
-    save_tiny_tokenizer(path)
+    tiny_tokenizer().save_pretrained(path)
     return path
 
 
@@ -128,7 +127,11 @@ def test_two_process_training_of_a_loaded_model(folder, tmp_path, mode):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [*command, str(folder), mode, str(tmp_path / "out")], capture_output=True, text=True, timeout=240, env=env
+        [*command, str(folder), mode, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     done = sorted(path.name for path in (tmp_path / "out").glob("done-*"))

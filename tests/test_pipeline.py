@@ -6,38 +6,20 @@ import json
 
 import pytest
 import torch
-from conftest import run_python, tiny_model
+from conftest import run_python, tiny_model, tiny_tokenizer
 
 WORDS = [f"w{i}" for i in range(3, 95)]
-
-
-def save_tiny_tokenizer(folder) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i for i, w in enumerate(WORDS, start=3)}, "[PAD]": 95}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="[PAD]",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-    tokenizer.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("calm_pipeline")
     model = tiny_model(patch_size=4)
-    model.generation_config.num_samples = 16
+    model.generation_config.num_candidates = 16
     with torch.no_grad():  # EOS (2) and [PAD] (95) score 0 while some other token scores > 0: never emitted
         model.ae_model.encoder.embed_tokens.weight[[2, 95]] = 0.0
     model.save_pretrained(folder)
-    save_tiny_tokenizer(folder)
+    tiny_tokenizer().save_pretrained(folder)
     return folder
 
 

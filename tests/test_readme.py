@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED, require_shared, run_python
+from conftest import HANG_TIMEOUT, REPO, SHARED, require_shared, run_python
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
@@ -42,7 +42,7 @@ def test_markdown_code_blocks_run(document: Path, checkout: Path, tmp_path: Path
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     python = blocks(document, "python")
     if python:
-        out = run_python("\n".join(python), cwd=checkout, env_extra=env, timeout=400)
+        out = run_python("\n".join(python), cwd=checkout, env_extra=env)
         if document.name == "README.md":
             assert "torch.Size([1, 16])" in out
     for script in blocks(document, "bash"):
@@ -52,7 +52,7 @@ def test_markdown_code_blocks_run(document: Path, checkout: Path, tmp_path: Path
             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env},
             capture_output=True,
             text=True,
-            timeout=400,
+            timeout=HANG_TIMEOUT,
         )
         assert result.returncode == 0, f"{script}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
 
@@ -64,7 +64,7 @@ def test_readme_is_for_users():
     assert not re.search(r"\b[0-9a-f]{7}\b(?![0-9a-f])", readme.replace("2510.27688", "")), "a commit hash"
 
 
-@pytest.mark.parametrize("module", ["modeling_calm", "generation_calm", "utils_calm"])
+@pytest.mark.parametrize("module", ["modeling_calm", "heads_calm", "generation_calm", "evaluate_calm", "utils_calm"])
 def test_docstring_examples_run(module: str):
     found = doctest.testmod(
         importlib.import_module(f"calm_transformers.{module}"), extraglobs={"torch": __import__("torch")}

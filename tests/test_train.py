@@ -4,32 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
-import runpy
 import subprocess
 import sys
 
 import pytest
 import torch
 from calm_transformers import CALMAutoencoder, CALMAutoencoderConfig, CALMForCausalLM
-from calm_transformers.evaluate_calm import brierlm
+from calm_transformers.evaluate_calm import brierlm, pack_documents
 from calm_transformers.train_calm import (
     BlockDataset,
     RandomChunkCollator,
     autoencoder_blocks,
-    lm_blocks,
     main,
     parse_overrides,
     stage_config_fields,
     train_tokenizer,
 )
 from calm_transformers.utils_calm import code_files, save_tokenizer
-from conftest import REPO, SHARED, require_shared, run_python, tiny_config
+from conftest import HANG_TIMEOUT, SHARED, SHIPPED, require_shared, run_python, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 
-SHIPPED = REPO / "calm_tiny_shakespeare"
 WORDS = "zero one two three four five six seven eight nine".split()
 TINY = {  # --set overrides that make each stage's model tiny
     "autoencoder": ["hidden_size=32", "intermediate_size=64", "latent_size=8", "ae_dropout=0.05"],
@@ -115,7 +113,7 @@ def test_autoencoder_blocks_layout(tokenizer):
 
 def test_lm_blocks_layout(tokenizer):
     documents = counting_documents(3, seed=1)
-    blocks = lm_blocks(tokenizer, documents, block_size=16)
+    blocks = pack_documents(tokenizer, documents, block_size=16)
     stream = [
         t
         for text in documents
@@ -286,7 +284,7 @@ def test_lm_stage_freezes_the_trained_autoencoder(pipeline):
     assert "auto_map" not in saved_config and "auto_map" not in saved_config["autoencoder_config"]
     model = CALMForCausalLM.from_pretrained(pipeline["lm"]).eval()
     ids = AutoTokenizer.from_pretrained(pipeline["lm"])(" three four five", return_tensors="pt")["input_ids"]
-    assert model.generate(ids, max_new_tokens=8, num_samples=4).shape == (1, ids.shape[1] + 8)
+    assert model.generate(ids, max_new_tokens=8, num_candidates=4).shape == (1, ids.shape[1] + 8)
 
 
 class GradientRecorder(TrainerCallback):
@@ -333,18 +331,16 @@ def _lm_case():
         {
             "input_ids": ids[i],
             "labels": ids[i],
-            "head_noise": torch.rand(3, 2, 8) - 0.5,
-            "target_noise": torch.randn(5, 2, 8),
+            "loss_noise": (torch.randn(5, 2, 8), torch.rand(3, 2, 8) - 0.5),  # target draws, head draws
         }
         for i in range(4)
     ]
 
     def collate(batch):
         # forward() takes the draws as [samples, targets in row-major (row, chunk) order, dim].
-        out = {key: torch.stack([example[key] for example in batch]) for key in batch[0]}
-        for key in ("head_noise", "target_noise"):
-            out[key] = out[key].transpose(0, 1).flatten(1, 2)
-        return out
+        out = {key: torch.stack([example[key] for example in batch]) for key in ("input_ids", "labels")}
+        draws = [torch.stack([example["loss_noise"][i] for example in batch]) for i in range(2)]
+        return {**out, "loss_noise": tuple(draw.transpose(0, 1).flatten(1, 2) for draw in draws)}
 
     return model, examples, collate
 
@@ -406,7 +402,7 @@ def test_data_parallel_two_processes_on_gloo(pipeline, tmp_path):
         *overrides,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=HANG_TIMEOUT, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 3
@@ -417,13 +413,14 @@ def test_data_parallel_two_processes_on_gloo(pipeline, tmp_path):
 def test_sample_report_counts_known_words_of_calm_and_llama(pipeline):
     """scripts/sample_report.py (the shipped model's known-word share) on a CALM and on its Llama baseline."""
     require_shared(SHARED / "data")
-    report = runpy.run_path(str(REPO / "scripts" / "sample_report.py"))
-    assert report["words"]("O, Romeo! 'tis I.") == ["o", "romeo", "tis", "i"]
-    vocabulary = report["known_words"]()
+    import sample_report
+
+    assert sample_report.words("O, Romeo! 'tis I.") == ["o", "romeo", "tis", "i"]
+    vocabulary = sample_report.known_words()
     assert {"romeo", "tis", "thou"} <= vocabulary and "xqzvk" not in vocabulary
     for stage in ("lm", "ar"):
         with one_thread():
-            result = report["report"](str(pipeline[stage]), max_new_tokens=8)
+            result = sample_report.report(str(pipeline[stage]), max_new_tokens=8)
         for part in result["temperatures"].values():
             assert len(part["samples"]) == 20 and part["words"] > 0
             assert 0 <= part["known_word_share"] <= 1
@@ -433,12 +430,13 @@ def test_decode_diagnostics_on_the_shipped_autoencoder():
     """scripts/decode_diagnostics.py (docs/training.md): held-out text is real words, and so is what the shipped
     autoencoder decodes from each chunk's own posterior; N(0, I) draws decode to far fewer."""
     require_shared(SHARED / "data")
-    diagnostics = runpy.run_path(str(REPO / "scripts" / "decode_diagnostics.py"))
+    import decode_diagnostics as diagnostics
+
     tokenizer = PreTrainedTokenizerFast.from_pretrained(SHIPPED)
-    documents = diagnostics["load_documents"](diagnostics["SHAKESPEARE"])[-2:]
-    blocks = lm_blocks(tokenizer, documents, 256)[:4]
+    documents = diagnostics.load_documents(diagnostics.SHAKESPEARE)[-2:]
+    blocks = pack_documents(tokenizer, documents, 256)[:4]
     with one_thread():
-        shares = diagnostics["decoded_word_shares"](diagnostics["load_autoencoder"](str(SHIPPED)), tokenizer, blocks)
+        shares = diagnostics.decoded_word_shares(diagnostics.load_autoencoder(str(SHIPPED)), tokenizer, blocks)
     assert shares["text"] > 0.95 and shares["oracle"] > 0.95
     assert shares["prior"] < shares["oracle"] - 0.1
 
@@ -478,3 +476,27 @@ def test_shipped_model_card_snippet_runs_with_remote_code_alone(tmp_path):
     code = "import sys; sys.modules['calm_transformers'] = None  # as on a machine without the package\n" + snippet
     out = run_python(code, cwd=tmp_path, env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert len(out.split()) >= 5, out
+
+
+@pytest.mark.parametrize("head_type", ["diffusion", "flow"])
+def test_lm_stage_trains_the_authors_other_heads(pipeline, head_type, tmp_path):
+    """`calm-train --stage lm --set head_type=...` trains a diffusion or flow head on the same autoencoder; the folder
+    reloads with that head, scores BrierLM and generates at T < 1 (the pool)."""
+    data = pipeline["lm"].parent / "docs.jsonl"
+    argv = ["--stage", "lm", "--output-dir", str(tmp_path / head_type), "--data", str(data), "--num-eval-docs", "3",
+            "--block-size", "32", "--no-progress", "--autoencoder", str(pipeline["autoencoder"]), "--max-steps", "8",
+            "--batch-size", "4", "--eval-blocks", "1", "--logging-steps", "2", "--set", f"head_type={head_type}",
+            *(arg for item in TINY["lm"] for arg in ("--set", item)), "--set", "diffusion_steps=10"]  # fmt: skip
+    with one_thread():
+        assert main(argv) == 0
+    results = json.loads((tmp_path / head_type / "results.json").read_text())
+    losses = _losses(tmp_path / head_type)
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    assert all(-1.0 <= results["eval"][f"brier{n}"] <= 1.0 for n in range(1, 5))
+    model = CALMForCausalLM.from_pretrained(tmp_path / head_type).eval()
+    assert model.config.head_type == head_type and model.config.diffusion_steps == 10
+    torch.manual_seed(0)
+    assert model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=8, temperature=0.5, num_candidates=4).shape == (
+        1,
+        11,
+    )
