@@ -138,10 +138,10 @@ def sample_from_pool(
     other T, C(c, r) ~ (N p)^r / r! keeps it consistent as N grows. `do_sample=False` returns the most frequent
     chunk (ties: the first seen).
     """
-    r = inverse_temperature(temperature)
     counts = same.sum(-1)  # [B, N]: copies of each candidate's chunk in the pool
     if not do_sample:
         return counts.argmax(-1)  # argmax returns the first maximum: the first-seen of the most frequent chunks
+    r = inverse_temperature(temperature)
     num_candidates = counts.shape[1]
     first_seen = same.to(torch.uint8).argmax(-1) == torch.arange(num_candidates, device=same.device)  # [B, N]
     counts = counts.to(torch.float64)
@@ -533,9 +533,13 @@ class CALMGenerationMixin(GenerationMixin):
         after_stop = (stops.long().cumsum(-1) - stops.long()) > 0
         chunk = chunk.masked_fill(after_stop, run.pad_token_id)
         run.unfinished &= ~stops.any(-1)
+        if not bool(run.unfinished.any()):  # every row has stopped: end where the last one did, as transformers does
+            used = torch.where(stops.any(-1), stops.long().argmax(-1) + 1, 0)  # [B]: tokens up to each row's stop
+            chunk = chunk[:, : int(used.max())]
         run.sequences = torch.cat([run.sequences, chunk], dim=-1)
         if streamer is not None:
-            streamer.put(chunk.cpu())
+            for column in chunk.T.cpu():  # one token per put, as transformers' generate streams
+                streamer.put(column)
         if not bool(run.unfinished.any()) or run.sequences.shape[1] >= run.max_length:
             return True
         run.chunk_embeds = self.embed_chunks(chunk)
@@ -568,7 +572,8 @@ def _check_calm_settings(config: GenerationConfig) -> None:
     for key in UNSUPPORTED_COUNTS:
         if (getattr(config, key, None) or 1) != 1:
             raise ValueError(f"CALM generation does not support {key}={getattr(config, key)!r}; use 1.")
-    inverse_temperature(1.0 if config.temperature is None else float(config.temperature))
+    if config.do_sample:  # without sampling the temperature does nothing (an OpenAI temperature of 0 sends both)
+        inverse_temperature(1.0 if config.temperature is None else float(config.temperature))
     if (
         not isinstance(config.num_candidates, int)
         or isinstance(config.num_candidates, bool)

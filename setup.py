@@ -9,6 +9,9 @@ from setuptools.command.build_py import build_py
 
 # Files at the root that are not part of the installed package.
 NOT_PACKAGED = {"setup"}
+# What transformers' server needs besides transformers >= 5.25 (its `serving` extra): the tests install these on
+# every transformers the project supports, and skip the server's tests where transformers is older.
+SERVING = ["openai>=1.98", "pydantic>=2", "fastapi", "starlette", "uvicorn", "rich"]
 
 
 class BuildPackageFromRoot(build_py):
@@ -41,8 +44,10 @@ setup(
         "test": [
             *("pytest>=8", "hypothesis>=6", "accelerate>=1.0", "ruff", "tokenizers>=0.19", "tiktoken"),
             *("peft>=0.17", "lm_eval>=0.4.9"),  # the clients tests/test_integrations.py runs CALM with
+            *SERVING,  # tests/test_serve.py: calm-serve and the openai client
         ],
         "train": ["accelerate>=1.0", "tokenizers>=0.19"],
+        "serve": ["transformers[serving]>=5.25,<6"],
         "plot": ["matplotlib"],
     },
     entry_points={
@@ -51,6 +56,7 @@ setup(
             "calm-eval=calm_transformers.evaluate_calm:main",
             "calm-train=calm_transformers.train_calm:main",
             "calm-generate=calm_transformers.cli:main",
+            "calm-serve=calm_transformers.serve:main",
         ]
     },
 )

@@ -41,7 +41,7 @@ from transformers import (
 from .configuration_calm import CALMAutoencoderConfig, CALMConfig
 from .evaluate_calm import energy_levels, evaluate_brierlm, load_documents, pack_documents
 from .modeling_calm import CALMAutoencoder, CALMForCausalLM
-from .utils_calm import code_files, folder_problem, save_tokenizer
+from .utils_calm import CHAT_TEMPLATE, code_files, folder_problem, save_tokenizer
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|begin_of_text|>", "<|end_of_text|>", "[PAD]"
 STAGES = ("tokenizer", "autoencoder", "lm", "ar")
@@ -119,6 +119,7 @@ def train_tokenizer(documents: list[str], vocab_size: int = 2048, min_frequency:
         padding_side="left",
         clean_up_tokenization_spaces=False,
         model_input_names=["input_ids", "attention_mask"],
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -405,6 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eval-batch-size", type=int, default=8, help="blocks per evaluation batch (default: 8)")
     parser.add_argument("--logging-steps", type=int, default=10, help="log the training loss every N steps")
+    parser.add_argument(
+        "--save-steps",
+        type=int,
+        default=0,
+        help="save a checkpoint (model, optimiser, scheduler, random state) in --output-dir every N steps, keeping "
+        "the last two (default 0: none)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint in --output-dir, with the same arguments as the interrupted run",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--no-remote-code",
@@ -497,7 +510,9 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool) -> TrainingArg
         logging_steps=args.logging_steps,
         eval_strategy="steps" if args.eval_steps and has_eval else "no",
         eval_steps=args.eval_steps or None,
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or None,
+        save_total_limit=2,
         report_to="none",
         # Every micro-batch full: the loss is a mean per micro-batch, so equal sizes make accumulation exact.
         dataloader_drop_last=True,
@@ -505,6 +520,13 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool) -> TrainingArg
         ddp_find_unused_parameters=False,
         disable_tqdm=args.no_progress,
     )
+
+
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest `checkpoint-N` of `folder` written to the end (Trainer writes trainer_state.json last): a run killed
+    while saving leaves an incomplete one, which is skipped."""
+    complete = [path for path in Path(folder).glob("checkpoint-*") if (path / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda path: int(path.name.split("-")[-1]))) if complete else None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -536,8 +558,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sample = {key: value[None].to(model.device) for key, value in BlockDataset(train_blocks)[0].items()}
     flops_per_row = training_flops_per_row(model, sample)
 
+    checkpoint = last_complete_checkpoint(output_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise ValueError(f"--resume: no complete checkpoint-* folder in {output_dir} (the run needs --save-steps).")
     start = time.perf_counter()
-    train_output = trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
     rows_seen = trainer.state.global_step * args.batch_size * args.grad_accum * training_args.world_size
 

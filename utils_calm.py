@@ -29,6 +29,13 @@ TAKES_CACHE_POSITION = "cache_position" in inspect.signature(LlamaModel.forward)
 # Up to this many rows, `vocab_argmax` projects onto the whole vocabulary in one matmul.
 FEW_ROWS = 8
 
+# The chat template of the tokenizers trained here: a plain transcript ("User: ...", "Assistant: ..."), which a model
+# trained on plain text can continue; servers' chat endpoints need one.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

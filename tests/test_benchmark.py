@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import HANG_TIMEOUT, require_torch_compile
+
+pytestmark = pytest.mark.slow  # conversions, training runs or subprocesses: minutes
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -25,6 +25,8 @@ from conftest import FIXTURE, HANG_TIMEOUT, REPO, require_shared, tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+pytestmark = pytest.mark.slow  # conversions, training runs or subprocesses: minutes
+
 TOL = 1e-5  # as tests/test_parity.py
 LOSS_TOL = 2e-5  # |loss| ~ 51: float32 rounding
 CODE_FILES = {path.name for path in code_files()}  # the model file and what it imports

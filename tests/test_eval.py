@@ -20,13 +20,14 @@ from calm_transformers.evaluate_calm import (
     main,
     pack_documents,
 )
-from conftest import HANG_TIMEOUT, REPO, require_shared, tiny_model
+from conftest import HANG_TIMEOUT, REPO, require_shared, tiny_model, tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+# Three short documents in the words of `tiny_tokenizer` (w3 ... w94), with repeats, as text has.
 CORPUS = [
-    "the cat sat on the mat . the dog sat on the log .",
-    "a bird sang in the tree and the cat looked up at the bird .",
-    "the dog and the cat slept in the sun on the mat all day .",
+    "w5 w6 w7 w8 w5 w9 w10 w7 w8 w5 w11 w12",
+    "w13 w14 w15 w16 w5 w17 w18 w5 w6 w19 w20 w21 w5 w14 w12",
+    "w5 w9 w18 w5 w6 w22 w16 w5 w23 w8 w5 w7 w24 w25 w12",
 ]
 
 
@@ -58,18 +59,9 @@ def assert_within_monte_carlo_error(estimate: list[float], exact: torch.Tensor, 
 
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory):
-    """A BPE tokenizer trained on CORPUS (< 96 ids, the vocabulary of `tiny_model`), BOS `<s>` = 1."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE(unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(
-        CORPUS, trainers.BpeTrainer(vocab_size=80, special_tokens=["[UNK]", "<s>", "</s>"], show_progress=False)
-    )
+    """The tiny models' tokenizer (96 ids, BOS `<s>` = 1), saved."""
     folder = tmp_path_factory.mktemp("tokenizer")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
-    tokenizer.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -415,6 +407,7 @@ def test_cli_errors(calm_folder, data_file, tmp_path, capsys):
     assert "checkpoint of the authors' code" in error and "calm-convert" in error
 
 
+@pytest.mark.slow
 def test_cli_runs_as_a_script(calm_folder, data_file, tmp_path, monkeypatch):
     """`python -m calm_transformers.evaluate_calm` in a fresh process, and run as a module in this one."""
     output = tmp_path / "script.json"

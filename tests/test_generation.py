@@ -132,6 +132,7 @@ def test_static_cache_holds_the_whole_generation(model, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_compiled_backbone_compiles_once_with_a_static_cache(monkeypatch, device):
     """The README's recipe, `model.transformer.compile()` + cache_implementation="static": the same tokens as eager,
     and every step after the first runs the decode graph compiled for it (any recompilation fails: a guard on a value
@@ -215,10 +216,7 @@ def test_eos_mid_chunk_stops_the_row(model):
         pad_token_id=PAD,
         noise_sampler=replay(table, [0]),
     )
-    new = out[0, 4:].tolist()
-    assert new[:2] == chunk[:2]
-    assert new[2:] == [PAD] * (len(new) - 2)
-    assert len(new) == 4  # the loop stopped after the chunk that held the EOS
+    assert out[0, 4:].tolist() == chunk[:2]  # the text ends at the EOS, inside the first chunk, as transformers ends
 
 
 def test_eos_in_one_row_pads_it_while_others_continue(model):
@@ -277,7 +275,7 @@ def test_stopping_criteria_and_max_time(model):
     )
     assert out.shape == (1, 12)
     out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=40, eos_token_id=None, max_time=0.0)
-    assert out.shape == (1, 8)  # one chunk, then the time is up
+    assert out.shape == (1, 5)  # time is up after the first token (checked after each token, as transformers does)
 
 
 @pytest.fixture(scope="module")
@@ -308,9 +306,7 @@ def test_stop_strings_end_the_text_exactly(shipped, end):
     out = model.generate(
         prompt, generator=torch.Generator().manual_seed(0), stop_strings=stop, tokenizer=tokenizer, **settings
     )
-    assert torch.equal(out[0, :first], free[0, :first])
-    assert (out[0, first:] == tokenizer.pad_token_id).all()
-    assert out.shape[1] == start + -(-(first - start) // 4) * 4  # it stopped after the chunk that completed it
+    assert torch.equal(out[0], free[0, :first])  # the text ends with the token that completes the stop string
     text = tokenizer.decode(out[0, start:first], clean_up_tokenization_spaces=False)  # the stop ends in its last token
     assert stop in text and stop not in tokenizer.decode(out[0, start : first - 1], clean_up_tokenization_spaces=False)
 
@@ -639,3 +635,40 @@ def test_vocab_argmax_equals_full_logits_argmax(dtype, num_rows, device):
         assert torch.equal(vocab_argmax(states, weight, block_size), expected), block_size
     assert torch.equal(ae.argmax_tokens(states.unsqueeze(0)), expected.unsqueeze(0))  # any leading shape
     assert ae.argmax_tokens(states[:0]).shape == (0,)  # nothing to decode
+
+
+def test_streamer_gets_one_token_per_put_and_output_ends_where_the_last_row_stops(model):
+    """As transformers' generate: the streamer gets the prompt, then [B] per token; when every row has stopped, the
+    output ends at the last row's stop, not at its chunk's end."""
+    prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    table = noise_table(2, 4)
+    settings = dict(max_new_tokens=12, do_sample=True, temperature=1.0, pad_token_id=PAD)
+    free = model.generate(prompts, eos_token_id=None, noise_sampler=replay(table, [0, 1]), **settings)
+    eos = [free[0, 5].item(), free[1, 6].item()]  # row 0 stops at its 2nd new token, row 1 at its 3rd (or earlier)
+
+    class Recorder:
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.puts.append("end")
+
+    streamer = Recorder()
+    out = model.generate(prompts, eos_token_id=eos, noise_sampler=replay(table, [0, 1]), streamer=streamer, **settings)
+    stop_rows = [next(i for i in range(12) if free[row, 4 + i].item() in eos) for row in range(2)]
+    assert out.shape[1] == 4 + max(stop_rows) + 1 < 8
+    assert streamer.puts[0].shape == (2, 4) and streamer.puts[-1] == "end"
+    assert [tuple(put.shape) for put in streamer.puts[1:-1]] == [(2,)] * (out.shape[1] - 4)
+    assert torch.equal(torch.stack(streamer.puts[1:-1], dim=1), out[:, 4:])
+
+
+def test_greedy_ignores_the_temperature(model):
+    """do_sample=False with temperature 0 (what an OpenAI temperature of 0 becomes) picks the most frequent chunk."""
+    table = noise_table(1, 2, pool=8)
+    kwargs = dict(max_new_tokens=8, do_sample=False, num_candidates=8, eos_token_id=None)
+    greedy = model.generate(torch.tensor([[5, 6, 7, 8]]), noise_sampler=replay(table, [0]), temperature=0.0, **kwargs)
+    again = model.generate(torch.tensor([[5, 6, 7, 8]]), noise_sampler=replay(table, [0]), **kwargs)
+    assert torch.equal(greedy, again)

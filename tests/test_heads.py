@@ -410,6 +410,7 @@ def test_generation_replays_the_recorded_draws(head_type):
 
 
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
+@pytest.mark.slow
 def test_converter_reads_and_verifies_the_authors_checkpoints(head_type, tmp_path):
     """calm-convert on the authors' diffusion / flow checkpoint: the head from `architectures`, verified in a fresh
     process as energy checkpoints are; the folder then generates with remote code at T < 1 (the pool)."""

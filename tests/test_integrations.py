@@ -13,6 +13,8 @@ import torch
 from calm_transformers import CALMForCausalLM
 from conftest import HANG_TIMEOUT, tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # conversions, training runs or subprocesses: minutes
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

@@ -10,6 +10,8 @@ from calm_transformers.evaluate_calm import energy_levels, pack_documents
 from learning_corpus import cycle_documents, train_lm, train_tokenizer_and_autoencoder
 from transformers import PreTrainedTokenizerFast
 
+pytestmark = pytest.mark.slow  # conversions, training runs or subprocesses: minutes
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[CALMForCausalLM, torch.Tensor, dict]:

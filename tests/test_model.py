@@ -70,6 +70,7 @@ def test_autoencoder_training_loss_and_accuracy():
     assert torch.equal(masked.accuracy, (out.logits.argmax(-1) == ids)[:, 4:].float().mean())
 
 
+@pytest.mark.slow
 def test_remote_code_in_fresh_process(tmp_path):
     """A saved CALM folder, and a saved autoencoder folder, load in a fresh process through remote code alone:
     AutoModelForCausalLM and AutoModel (the whole CALM, whose forward gives the backbone states) on the CALM folder,

@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import run_python, tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # conversions, training runs or subprocesses: minutes
+
 WORDS = [f"w{i}" for i in range(3, 95)]
 
 

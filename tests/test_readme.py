@@ -38,6 +38,7 @@ def checkout(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+@pytest.mark.slow
 def test_markdown_code_blocks_run(document: Path, checkout: Path, tmp_path: Path):
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     python = blocks(document, "python")

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from calm_transformers.train_calm import (
     stage_config_fields,
     train_tokenizer,
 )
-from calm_transformers.utils_calm import code_files, save_tokenizer
+from calm_transformers.utils_calm import CHAT_TEMPLATE, code_files, save_tokenizer
 from conftest import HANG_TIMEOUT, SHARED, SHIPPED, require_shared, run_python, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
@@ -247,6 +248,7 @@ def _losses(folder) -> list[float]:
 
 
 @pytest.mark.parametrize("stage", ["autoencoder", "lm", "ar"])
+@pytest.mark.slow
 def test_stage_trains_saves_and_evaluates(pipeline, stage):
     folder = pipeline[stage]
     results = json.loads((folder / "results.json").read_text())
@@ -269,6 +271,7 @@ def test_stage_trains_saves_and_evaluates(pipeline, stage):
         assert results["eval"]["brier1"] > 0.2
 
 
+@pytest.mark.slow
 def test_lm_stage_freezes_the_trained_autoencoder(pipeline):
     """The CALM folder holds the trained autoencoder's weights, unchanged by LM training (frozen), in one file."""
     autoencoder = load_file(str(pipeline["autoencoder"] / "model.safetensors"))
@@ -369,6 +372,7 @@ def test_gradient_accumulation_matches_full_batch(case, tmp_path):
         assert logged_loss == pytest.approx(loss.item(), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_data_parallel_two_processes_on_gloo(pipeline, tmp_path):
     """torchrun with 2 CPU processes: DDP over gloo, each process reads its share of every global batch."""
     data = pipeline["tokenizer"].parent / "docs.jsonl"
@@ -410,6 +414,7 @@ def test_data_parallel_two_processes_on_gloo(pipeline, tmp_path):
     assert result.stdout.count('"world_size": 2') == 1  # only the main process reports
 
 
+@pytest.mark.slow
 def test_sample_report_counts_known_words_of_calm_and_llama(pipeline):
     """scripts/sample_report.py (the shipped model's known-word share) on a CALM and on its Llama baseline."""
     require_shared(SHARED / "data")
@@ -426,6 +431,7 @@ def test_sample_report_counts_known_words_of_calm_and_llama(pipeline):
             assert 0 <= part["known_word_share"] <= 1
 
 
+@pytest.mark.slow
 def test_decode_diagnostics_on_the_shipped_autoencoder():
     """scripts/decode_diagnostics.py (docs/training.md): held-out text is real words, and so is what the shipped
     autoencoder decodes from each chunk's own posterior; N(0, I) draws decode to far fewer."""
@@ -466,6 +472,7 @@ def test_shipped_model_loads_and_generates():
     assert all(len(text.split()) >= 3 for text in texts), texts
 
 
+@pytest.mark.slow
 def test_shipped_model_card_snippet_runs_with_remote_code_alone(tmp_path):
     """The card's pipeline snippet, in a fresh offline process with an empty module cache and the package hidden:
     the folder's own code files are all it needs."""
@@ -476,9 +483,11 @@ def test_shipped_model_card_snippet_runs_with_remote_code_alone(tmp_path):
     code = "import sys; sys.modules['calm_transformers'] = None  # as on a machine without the package\n" + snippet
     out = run_python(code, cwd=tmp_path, env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert len(out.split()) >= 5, out
+    assert "Do you wish to run the custom code" not in out  # no prompt, no wait: every loader trusts the code
 
 
 @pytest.mark.parametrize("head_type", ["diffusion", "flow"])
+@pytest.mark.slow
 def test_lm_stage_trains_the_authors_other_heads(pipeline, head_type, tmp_path):
     """`calm-train --stage lm --set head_type=...` trains a diffusion or flow head on the same autoencoder; the folder
     reloads with that head, scores BrierLM and generates at T < 1 (the pool)."""
@@ -500,3 +509,57 @@ def test_lm_stage_trains_the_authors_other_heads(pipeline, head_type, tmp_path):
         1,
         11,
     )
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_the_same_losses(pipeline, tmp_path, capsys, monkeypatch):
+    """calm-train killed mid-run (SIGKILL, after its first checkpoint) and restarted with --resume logs the losses an
+    uninterrupted run logs: the model, optimiser, scheduler, data order and random draws all continue."""
+    data = pipeline["lm"].parent / "docs.jsonl"
+
+    def argv(folder) -> list[str]:
+        return ["--stage", "lm", "--output-dir", str(folder), "--data", str(data), "--num-eval-docs", "3",
+                "--block-size", "32", "--no-progress", "--autoencoder", str(pipeline["autoencoder"]),
+                "--max-steps", "24", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "0", "--logging-steps", "1",
+                "--save-steps", "4", *(arg for item in TINY["lm"] for arg in ("--set", item))]  # fmt: skip
+
+    with one_thread():
+        assert main(argv(tmp_path / "whole")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "calm_transformers.train_calm", *argv(tmp_path / "killed")]
+    log = tmp_path / "killed.log"
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    first = tmp_path / "killed" / "checkpoint-4" / "trainer_state.json"  # written last in a checkpoint
+    try:
+        for _ in range(HANG_TIMEOUT * 10):  # bounded: until the first checkpoint is complete
+            if first.is_file() or process.poll() is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        process.kill()
+        process.wait()
+    assert first.is_file(), log.read_text()[-3000:]
+    assert not (tmp_path / "killed" / "results.json").is_file(), "killed after it finished"
+    checkpoint = max(int(path.name.split("-")[1]) for path in (tmp_path / "killed").glob("checkpoint-*"))
+    steps_run = []
+    training_step = Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step", lambda *a, **k: steps_run.append(1) or training_step(*a, **k))
+    with one_thread():
+        assert main([*argv(tmp_path / "killed"), "--resume"]) == 0
+    assert len(steps_run) <= 24 - 4 and checkpoint >= 4  # it went on from a checkpoint, not from the start
+    whole, resumed = _losses(tmp_path / "whole"), _losses(tmp_path / "killed")  # the log continues the checkpoint's
+    assert len(whole) == 24 and resumed == pytest.approx(whole, rel=1e-6)
+    with pytest.raises(SystemExit):
+        main([*argv(tmp_path / "fresh"), "--resume"])
+    assert "no complete checkpoint-* folder" in capsys.readouterr().err
+
+
+def test_trained_and_shipped_tokenizers_have_the_chat_template(tokenizer):
+    """Servers' chat endpoints need a chat template: every tokenizer calm-train writes has the plain transcript one,
+    and so has the shipped model's."""
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert (SHIPPED / "chat_template.jinja").read_text().rstrip("\n") == CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == tokenizer.bos_token + "User: Hi\nAssistant:"
