@@ -115,6 +115,14 @@ class CALMConfig(PretrainedConfig):
 
     The defaults are CALM-M (the paper's Table 1). The Llama fields have transformers' `LlamaConfig` meaning and
     are read by `LlamaModel` directly. `max_position_embeddings` counts chunks, not tokens.
+
+    `head_type` picks the generative head: "energy" (the paper's) or the authors' "diffusion" / "flow" (their
+    ablation). Diffusion: ancestral sampling of the 1000-step cosine process respaced to `diffusion_steps` (IDDPM);
+    `diffusion_temperature` scales its per-step noise (the authors' sampler argument, left at 1); `diffusion_t0_nll`:
+    at t = 0 the variational term is the discretized 8-bit image likelihood, as the authors' (False: the Gaussian KL,
+    as at t > 0). Flow: `flow_steps` steps of `flow_solver` ("midpoint", 2 network passes a step; "euler" is the
+    authors' unused branch, which ran 20 steps); `flow_floor_time`: the network embeds floor(1000 t), as the authors'
+    (False: 1000 t unrounded).
     """
 
     model_type = "calm"
@@ -189,13 +197,6 @@ class CALMConfig(PretrainedConfig):
         self.num_samples = num_samples
         self.num_target_samples = num_target_samples
         self.beta = beta
-        # The generative head (CALM_SPEC section 9): "energy" (the paper's), or the authors' "diffusion" / "flow".
-        # Diffusion: ancestral sampling of the 1000-step cosine process respaced to `diffusion_steps` (IDDPM);
-        # `diffusion_temperature` scales its per-step noise (MAR's head temperature; the authors leave it at 1);
-        # `diffusion_t0_nll`: at t = 0 the variational term is the discretized 8-bit image likelihood, as the
-        # authors' (False: the Gaussian KL, as at t > 0). Flow: `flow_steps` steps of `flow_solver` ("midpoint",
-        # 2 network passes a step; "euler" is the authors' unused branch, which ran 20 steps); `flow_floor_time`:
-        # the network embeds floor(1000 t), as the authors' (False: 1000 t unrounded).
         self.head_type = head_type
         self.diffusion_steps = diffusion_steps
         self.diffusion_temperature = diffusion_temperature

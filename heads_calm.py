@@ -99,9 +99,16 @@ class GenerativeHead(nn.Module):
         log_std [n, l] the autoencoder posterior of the target chunks; `noise` the call's draws, in order."""
         raise NotImplementedError
 
-    def init_weights(self) -> None:
-        """The authors' init of the head, for the model's `_init_weights`."""
+    def init_layer(self, module: nn.Module) -> None:
+        """Initialise `module`, one of this head's layers, the authors' way (the model's `_init_weights` calls this for
+        every layer after transformers' default init: transformers 5 never visits a module without parameters of its
+        own, such as the head itself). Layers the authors leave at the default are left alone."""
         raise NotImplementedError
+
+    def init_weights(self) -> None:
+        """The authors' init of every layer of the head."""
+        for module in self.modules():
+            self.init_layer(module)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,10 +226,10 @@ class EnergyHead(GenerativeHead):
         samples = self.sample(hidden.expand(self.num_samples, *hidden.shape), head_noise, generator)  # [N, n, l]
         return -energy_score(samples, mean, log_std, beta=self.beta, target_noise=target_noise).mean()
 
-    def init_weights(self) -> None:
-        # The authors zero the last projection, so that training starts from predicting 0.
-        init.zeros_(self.final_layer.linears[-1].weight)
-        init.zeros_(self.final_layer.linears[-1].bias)
+    def init_layer(self, module: nn.Module) -> None:
+        if module is self.final_layer.linears[-1]:  # the authors zero it: training starts from predicting 0
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
 
 def energy_score(
@@ -351,23 +358,23 @@ class SimpleMLPAdaLN(nn.Module):
             h = block(h, y)
         return self.final_layer(h, y)
 
-    def initialize_weights(self) -> None:
-        """The authors' (MAR's) init: xavier-uniform Linears with zero biases, N(0, 0.02) timestep MLP, and every
-        adaLN modulation and the output Linear at zero, so that a fresh network outputs exactly 0."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                init.xavier_uniform_(module.weight)
-                init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm) and module.weight is not None:
-                init.ones_(module.weight)
-                init.zeros_(module.bias)
-        for linear in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
-            init.normal_(linear.weight, std=0.02)
+    def init_layer(self, module: nn.Module) -> None:
+        """The authors' (MAR's) init of one layer: xavier-uniform Linears with zero biases, N(0, 0.02) timestep MLP,
+        and every adaLN modulation and the output Linear at zero, so that a fresh network outputs exactly 0."""
+        if isinstance(module, nn.LayerNorm) and module.weight is not None:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        if not isinstance(module, nn.Linear):
+            return
         zeroed = [block.adaLN_modulation[-1] for block in self.res_blocks]
         zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
-        for linear in zeroed:
-            init.zeros_(linear.weight)
-            init.zeros_(linear.bias)
+        if any(module is linear for linear in zeroed):
+            init.zeros_(module.weight)
+        elif any(module is linear for linear in self.time_embed.mlp):
+            init.normal_(module.weight, std=0.02)
+        else:
+            init.xavier_uniform_(module.weight)
+        init.zeros_(module.bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -530,17 +537,12 @@ class IterativeHead(GenerativeHead):
             config.latent_size, config.hidden_size, out_size, config.num_mlp_layers, time_scale, integer_time
         )
 
-    def init_weights(self) -> None:
-        """The authors' init of the head (a fresh head outputs 0); for the model's `_init_weights`."""
-        self.net.initialize_weights()
+    def init_layer(self, module: nn.Module) -> None:
+        self.net.init_layer(module)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The network on x [*, l] (any float dtype) and c [*, d]: runs in c's dtype, returns x's dtype."""
         return self.net(x.to(c.dtype), t, c).to(x.dtype)
-
-    def noise_shape(self, leading: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of `noise` for one `sample` call on hidden states of leading shape `leading`."""
-        raise NotImplementedError
 
     def sample(
         self,
@@ -549,11 +551,7 @@ class IterativeHead(GenerativeHead):
         generator: torch.Generator | None = None,
         num_samples: int | None = None,
     ) -> torch.Tensor:
-        """hidden [*, d] -> one latent sample [*, l] per row, or `num_samples` of them, [*, num_samples, l].
-
-        `noise` (shape `noise_shape`) holds every random draw of the call; without it they are drawn from
-        `generator` on hidden's device, in hidden's dtype.
-        """
+        """The last state of `sample_loop` (see `GenerativeHead.sample`)."""
         return last_state(self.sample_loop(hidden, noise, generator, num_samples)).to(hidden.dtype)
 
     def sample_loop(

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_calm import CALMAutoencoderConfig, CALMConfig
 from .generation_calm import CALMGenerationMixin, set_calm_generation_defaults
-from .heads_calm import HEADS, LAYER_NORM_EPS, GenerativeHead
+from .heads_calm import HEADS, LAYER_NORM_EPS
 from .utils_calm import CACHE_KWARG, TAKES_CACHE_POSITION, check_input_ids, chunk_mask_of, positions_of, vocab_argmax
 
 # The remote-code entry that sends `AutoModel` on a CALM folder to `CALMForCausalLM`.
@@ -185,8 +185,9 @@ class CALMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, GenerativeHead):  # after its layers: the head's own init wins
-            module.init_weights()
+        head = getattr(self, "generative_head", None)  # the autoencoder has none
+        if head is not None and any(module is layer for layer in head.modules()):
+            head.init_layer(module)  # after transformers' default: the authors' init of the head's layers wins
 
 
 class CALMAutoencoder(CALMPreTrainedModel):

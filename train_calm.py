@@ -522,6 +522,16 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool) -> TrainingArg
     )
 
 
+def _checkpoint_to_resume(args: argparse.Namespace) -> str | None:
+    if not args.resume:
+        return None
+    if (checkpoint := last_complete_checkpoint(args.output_dir)) is None:
+        raise ValueError(
+            f"--resume: no complete checkpoint-* folder in {args.output_dir} (the run needs --save-steps)."
+        )
+    return checkpoint
+
+
 def last_complete_checkpoint(folder: str | Path) -> str | None:
     """The newest `checkpoint-N` of `folder` written to the end (Trainer writes trainer_state.json last): a run killed
     while saving leaves an incomplete one, which is skipped."""
@@ -558,11 +568,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sample = {key: value[None].to(model.device) for key, value in BlockDataset(train_blocks)[0].items()}
     flops_per_row = training_flops_per_row(model, sample)
 
-    checkpoint = last_complete_checkpoint(output_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        raise ValueError(f"--resume: no complete checkpoint-* folder in {output_dir} (the run needs --save-steps).")
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
     train_seconds = time.perf_counter() - start
     rows_seen = trainer.state.global_step * args.batch_size * args.grad_accum * training_args.world_size
 

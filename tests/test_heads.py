@@ -558,3 +558,19 @@ def test_bfloat16_model_trains_and_generates_on_cpu(head_type):
     for temperature in (1.0, 0.5):
         out = model.generate(ids[:, :5], max_new_tokens=8, temperature=temperature, num_candidates=6)
         assert out.shape == (2, 13) and ((out >= 0) & (out < 96)).all()
+
+
+@pytest.mark.parametrize("head_type", ["energy", *HEAD_TYPES])
+def test_a_new_model_starts_with_the_authors_head_init(head_type):
+    """CALMForCausalLM(config) gives its head the authors' init on transformers 4.57 and 5.x alike (5.x never visits
+    the head module itself, only its layers): the layers they zero are zero, so a fresh head outputs exactly 0."""
+    model = CALMForCausalLM(tiny_config(head_type=head_type))
+    head = model.generative_head
+    zeroed = [head.final_layer.linears[-1]] if head_type == "energy" else [head.net.final_layer.linear]
+    zeroed += [] if head_type == "energy" else [block.adaLN_modulation[-1] for block in head.net.res_blocks]
+    assert all(not layer.weight.any() and not layer.bias.any() for layer in zeroed)
+    hidden = torch.randn(3, model.config.hidden_size)
+    if head_type == "energy":
+        assert not head.sample(hidden).any()
+    else:
+        assert not head.net(torch.randn(3, model.config.latent_size), torch.tensor([0, 5, 9]), hidden).any()
