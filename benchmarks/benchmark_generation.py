@@ -5,6 +5,7 @@ same backbone, and (optionally) the authors' own code on the same weights.
     python benchmarks/benchmark_generation.py --shape tiny --repeats 1         # seconds: checks the script
     python benchmarks/benchmark_generation.py --authors-code ~/calm --authors-python ~/calm-venv/bin/python
     python benchmarks/benchmark_generation.py --device cuda --compile          # + compiled backbones
+    python benchmarks/benchmark_generation.py --head-types energy diffusion flow --batch-sizes 1   # per head
 
 Columns, each a median over `--repeats` interleaved rounds:
 - `calm`: `CALMForCausalLM.generate` (random weights of `--shape`, or `--model`), at each temperature.
@@ -14,6 +15,8 @@ Columns, each a median over `--repeats` interleaved rounds:
   their transformers 4.43): their `EnergyTransformer.generate`, run by `authors_generation.py` in its own process.
   The random weights are made there and converted for the `calm` column, so both run the same model.
 - with `--compile`: `calm-compiled` and `llama-compiled`, the backbone compiled and generating with a static cache.
+- with `--head-types`, instead of the columns above: `calm-energy`, `calm-diffusion`, `calm-flow`, the same random
+  backbone and autoencoder with a random head of each type.
 
 Writes JSON (`--output`) with every timing, the machine, the versions, and the ratios it prints.
 """
@@ -45,8 +48,9 @@ SHAPES = {  # as in authors_generation.py: CALM-M (the paper's Table 1) and a ti
 }
 
 
-def random_calm(shape: str) -> CALMForCausalLM:
-    """CALM with random weights of `shape`; the head's last layer (zero at init) made random too."""
+def random_calm(shape: str, head_type: str = "energy", like: CALMForCausalLM | None = None) -> CALMForCausalLM:
+    """CALM with random weights of `shape` and a `head_type` head, whose layers that start at zero are made random
+    too; with `like`, every weight but the head's is copied from that model."""
     s = SHAPES[shape]
     ids = dict(pad_token_id=s["vocab"] - 1, bos_token_id=0, eos_token_id=1)
     ae = CALMAutoencoderConfig(
@@ -56,12 +60,22 @@ def random_calm(shape: str) -> CALMForCausalLM:
     config = CALMConfig(
         vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], latent_size=128, noise_size=64,
-        num_mlp_layers=4, patch_size=4, autoencoder_config=ae, **ids,
+        num_mlp_layers=4, patch_size=4, autoencoder_config=ae, head_type=head_type, **ids,
     )  # fmt: skip
     torch.manual_seed(0)
     model = CALMForCausalLM(config)
+    head = model.generative_head
+    if head_type == "energy":
+        zero_at_init = [head.final_layer.linears[-1]]
+    else:  # the iterative heads' adaLN modulations and output layer
+        zero_at_init = [block.adaLN_modulation[-1] for block in head.net.res_blocks]
+        zero_at_init += [head.net.final_layer.adaLN_modulation[-1], head.net.final_layer.linear]
     with torch.no_grad():
-        model.generative_head.final_layer.linears[-1].weight.normal_(0, 0.02)
+        for linear in zero_at_init:
+            linear.weight.normal_(0, 0.02)
+    if like is not None:
+        rest = {key: value for key, value in like.state_dict().items() if not key.startswith("generative_head.")}
+        model.load_state_dict(rest, strict=False)
     return model
 
 
@@ -117,6 +131,12 @@ def authors_command(args: argparse.Namespace, action: str, work: Path, cases: li
 
 def build_columns(args: argparse.Namespace, work: Path) -> dict[str, torch.nn.Module]:
     dtype = getattr(torch, args.dtype)
+    if args.head_types:  # one `calm` column per head, on the same backbone and autoencoder
+        energy = random_calm(args.shape)
+        heads = {
+            head: energy if head == "energy" else random_calm(args.shape, head, energy) for head in args.head_types
+        }
+        return {f"calm-{head}": model.to(device=args.device, dtype=dtype).eval() for head, model in heads.items()}
     if args.model:
         calm = CALMForCausalLM.from_pretrained(args.model)
     elif args.authors_code:
@@ -174,7 +194,7 @@ def summarize(cases: list[dict], rounds: list[dict], columns: list[str]) -> list
                 "ms_per_step": 1000 * median / -(-case["max_new_tokens"] // 4),
             }
         for name in columns:
-            if name != "calm":
+            if name != "calm" and "calm" in columns:
                 row[f"calm_vs_{name}"] = row["calm"]["new_tokens_per_s"] / row[name]["new_tokens_per_s"]
         rows.append(row)
     return rows
@@ -207,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--authors-code", help="a checkout of github.com/shaochenze/calm: adds the `authors` column")
     parser.add_argument("--authors-python", help="a Python with the authors' requirements (transformers 4.43)")
+    parser.add_argument(
+        "--head-types",
+        nargs="+",
+        choices=("energy", "diffusion", "flow"),
+        help="instead of `calm` and `llama`: a `calm-HEAD` column per head type (random weights, one backbone)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--output", help="write the results as JSON here")
     return parser
@@ -221,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--authors-code and --authors-python go together (the checkout, and the Python to run it).")
     if args.authors_code and (args.model or args.device != "cpu"):
         parser.error("the authors' column runs random weights on the CPU: drop --model / --device with it.")
+    if args.head_types and (args.model or args.authors_code or args.compile):
+        parser.error("--head-types times random weights of --shape: drop --model / --authors-code / --compile.")
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [
