@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, GenerationMixin, StaticCache
-from transformers.generation.stopping_criteria import EosTokenCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .utils_calm import check_input_ids, chunk_mask_of, positions_of
@@ -434,6 +434,11 @@ class CALMGenerationMixin(GenerationMixin):
             chunk_mask = chunk_mask_of(token_mask, k)
             position_ids = positions_of(chunk_mask)
             chunk_mask = F.pad(chunk_mask, (0, num_chunks - chunk_mask.shape[1]), value=1)  # new chunks are real
+        for criterion in criteria:
+            if isinstance(criterion, MaxLengthCriteria) and criterion.max_position_embeddings is not None:
+                # Its reminder that the text outgrew the model reads max_position_embeddings as tokens: CALM's counts
+                # chunks of K tokens.
+                criterion.max_position_embeddings = self.config.max_position_embeddings * k
         static = config.cache_implementation == "static"
         # The backbone reads the prompt's chunks and every new chunk but the last.
         cache = StaticCache(config=self.config, max_cache_len=num_chunks - 1) if static else None

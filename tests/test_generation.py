@@ -672,3 +672,17 @@ def test_greedy_ignores_the_temperature(model):
     greedy = model.generate(torch.tensor([[5, 6, 7, 8]]), noise_sampler=replay(table, [0]), temperature=0.0, **kwargs)
     again = model.generate(torch.tensor([[5, 6, 7, 8]]), noise_sampler=replay(table, [0]), **kwargs)
     assert torch.equal(greedy, again)
+
+
+def test_no_length_reminder_below_the_models_token_limit(model, caplog):
+    """transformers' max-length criterion reminds when a text outgrows max_position_embeddings, read as tokens; a
+    CALM's counts chunks (64 chunks: 256 tokens here), so 84 tokens get no reminder."""
+    from transformers.utils import logging
+
+    logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=80, eos_token_id=None)
+    finally:
+        logging.disable_propagation()
+    assert out.shape == (1, 84) and "friendly reminder" not in caplog.text
