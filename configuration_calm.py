@@ -15,7 +15,9 @@ LLAMA3_VOCAB_SIZE = 128257
 LLAMA3_BOS, LLAMA3_EOS, LLAMA3_PAD = 128000, 128001, 128256
 
 
-# The authors' classes, as their checkpoints' `architectures` name them (their head: energy, diffusion or flow).
+# The generative heads (`CALMConfig.head_type`), and the authors' classes with each, as their checkpoints'
+# `architectures` name them.
+HEAD_TYPES = ("energy", "diffusion", "flow")
 AUTHORS_ARCHITECTURES = ("EnergyTransformer", "DiffusionTransformer", "FlowTransformer")
 
 
@@ -24,7 +26,7 @@ def check_model_type(config_class: type[PretrainedConfig], config_dict: dict[str
     folder. `model_type` decides; without it (the authors' checkpoints have none), `architectures`."""
     model_type = config_dict.get("model_type") or None
     architectures = config_dict.get("architectures") or []
-    if set(architectures) & set(AUTHORS_ARCHITECTURES) and model_type in (None, "energy", "diffusion", "flow"):
+    if set(architectures) & set(AUTHORS_ARCHITECTURES) and model_type in (None, *HEAD_TYPES):
         raise ValueError(
             f"this is a checkpoint of the authors' code ({', '.join(architectures)}), not a {config_class.__name__}: "
             "convert it first with calm-convert."
@@ -259,8 +261,8 @@ class CALMConfig(PretrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
                 f"({self.num_key_value_heads})."
             )
-        if self.head_type not in ("energy", "diffusion", "flow"):
-            raise ValueError(f"head_type must be 'energy', 'diffusion' or 'flow', got {self.head_type!r}.")
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}.")
         if self.num_samples < 2 and self.head_type == "energy":
             raise ValueError("num_samples (energy-loss head samples N) must be at least 2: the score compares pairs.")
         if self.diffusion_steps > 1000:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_calm import AUTHORS_ARCHITECTURES, CALMAutoencoderConfig, CALMConfig
+from .configuration_calm import AUTHORS_ARCHITECTURES, HEAD_TYPES, CALMAutoencoderConfig, CALMConfig
 from .modeling_calm import CALMForCausalLM
 from .utils_calm import DTYPES, save_tokenizer
 
@@ -50,7 +50,7 @@ _DROPPED_FIELDS = (
 )
 AE_PREFIX = "ae_model."
 # The authors' CALM classes and their generative heads (`CALMConfig.head_type`).
-AUTHORS_HEADS = dict(zip(AUTHORS_ARCHITECTURES, ("energy", "diffusion", "flow"), strict=True))
+AUTHORS_HEADS = dict(zip(AUTHORS_ARCHITECTURES, HEAD_TYPES, strict=True))
 
 # Verification compares the converted folder, loaded in a fresh process, with the source model cast to the output
 # dtype: the same code on the same weights, so the difference is normally exactly 0. float32 allows an absolute 1e-5;
@@ -173,7 +173,7 @@ def check_calm_config(calm_config: dict[str, Any], folder: str | Path) -> None:
             f"{folder} holds an autoencoder checkpoint, not a CALM language model; pass it as the autoencoder."
         )
     head_type = head_type_of(calm_config)
-    if head_type not in set(AUTHORS_HEADS.values()) or (architectures and not set(architectures) & set(AUTHORS_HEADS)):
+    if head_type not in HEAD_TYPES or (architectures and not set(architectures) & set(AUTHORS_HEADS)):
         hint = " It is already converted: load it with from_pretrained." if head_type == "calm" else ""
         raise CheckpointError(
             f"{folder} is not the authors' CALM checkpoint (model_type {head_type!r}, architectures {architectures}); "

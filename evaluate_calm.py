@@ -481,7 +481,8 @@ def _energy_losses(
 ) -> dict[str, torch.Tensor]:
     """Energy losses [B * (P-1)] of the model's samples and, with `references`, of random chunks' posteriors and of
     the targets' own."""
-    k, n = model.config.patch_size, model.config.num_samples
+    # The energy score compares pairs of samples: at least 2 (the iterative heads allow num_samples = 1).
+    k, n = model.config.patch_size, max(model.config.num_samples, 2)
     hidden = model(ids[:, :-k]).last_hidden_state.flatten(0, 1)  # [n_targets, d]
     mean, log_std = (x.flatten(0, 1) for x in model.ae_model.encoder(ids[:, k:]))  # [n_targets, l]
     std = log_std.exp()

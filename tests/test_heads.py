@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -289,8 +290,8 @@ def test_training_loss(head_type):
     """The training-mode forward loss: targets from the autoencoder's encoder in training mode (bfloat16 token
     embeddings) on chunks 1..P-1, conditions from the backbone on chunks 0..P-2, rows sample-major.
 
-    The training-mode posterior is not recorded: ours carries this CPU's float32 rounding (the encoder's eval-mode
-    mean differs from the recorded one by ~1e-6), times std up to 10 in the targets. So the loss (up to 77) is
+    The training-mode posterior is not recorded: ours carries float32 rounding of another summation order (the
+    encoder's eval-mode mean differs from the recorded one by ~1e-6), times std up to 10 in the targets. So the loss (up to 77) is
     compared within 1e-6 relative (a few float32 ulps) and each row within 1e-5 of its value; with the recorded
     posterior, the eval-mode loss agrees within 1e-5 absolute (test_eval_loss_and_brier_draws)."""
     ref, head, model = reference(head_type), load_head(head_type), fixture_model(head_type)
@@ -574,3 +575,15 @@ def test_a_new_model_starts_with_the_authors_head_init(head_type):
         assert not head.sample(hidden).any()
     else:
         assert not head.net(torch.randn(3, model.config.latent_size), torch.tensor([0, 5, 9]), hidden).any()
+
+
+def test_every_head_type_has_a_head_and_energy_levels():
+    """HEADS covers every head_type the config accepts; energy levels measure any head, even with num_samples = 1
+    (allowed for the iterative heads, whose loss draws one target per sample; the energy score needs pairs)."""
+    from calm_transformers.configuration_calm import HEAD_TYPES
+    from calm_transformers.evaluate_calm import energy_levels
+
+    assert set(HEADS) == set(HEAD_TYPES)
+    model = tiny_model(head_type="flow", num_samples=1, flow_steps=2)
+    levels = energy_levels(model, torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(0)))
+    assert all(math.isfinite(value) for value in levels.values()), levels
