@@ -291,9 +291,9 @@ def test_training_loss(head_type):
     embeddings) on chunks 1..P-1, conditions from the backbone on chunks 0..P-2, rows sample-major.
 
     The training-mode posterior is not recorded: ours carries float32 rounding of another summation order (the
-    encoder's eval-mode mean differs from the recorded one by ~1e-6), times std up to 10 in the targets. So the loss (up to 77) is
-    compared within 1e-6 relative (a few float32 ulps) and each row within 1e-5 of its value; with the recorded
-    posterior, the eval-mode loss agrees within 1e-5 absolute (test_eval_loss_and_brier_draws)."""
+    encoder's eval-mode mean differs from the recorded one by ~1e-6), times std up to 10 in the targets. So the loss
+    (up to 77) is compared within 1e-6 relative (a few float32 ulps) and each row within 1e-5 of its value; with the
+    recorded posterior, the eval-mode loss agrees within 1e-5 absolute (test_eval_loss_and_brier_draws)."""
     ref, head, model = reference(head_type), load_head(head_type), fixture_model(head_type)
     k, d = model.config.patch_size, model.config.hidden_size
     input_ids = ref["input_ids"]
