@@ -174,31 +174,54 @@ def _calm_rollout(
     inputs: torch.Tensor,
     token_mask: torch.Tensor | None,
     target_valid: torch.Tensor,
+    rows_per_pass: int = 256,
 ) -> torch.Tensor:
     """For K < 4: continue each of the 2 samples at each position for ceil(4/K) chunks -> [2, n, R*K].
 
-    Every (sample, position) is its own row: the row of position t sees input chunks 0..t (later ones masked out),
-    then its own sampled chunks.
+    As the discrete estimator's roll-out: per block, its rows (a sample at a position) go side by side as extra
+    queries on the block's own KV cache, with a 4D mask: the row of position t sees the block's chunks 0..t, then its
+    own sampled chunks. At most `rows_per_pass` rows per block go in one pass; the cache is then cropped back.
     """
     k = model.config.patch_size
     num_steps = -(-BRIER_MAX_N // k)
-    embeds = model.embed_chunks(inputs, token_mask)  # [B, P-1, d]
-    base_mask = chunk_mask_of(token_mask, k) if token_mask is not None else inputs.new_ones(embeds.shape[:2])
-    positions = positions_of(base_mask)
-    rows_b, rows_t = target_valid.nonzero(as_tuple=True)  # n rows, in the order of the samples
-    rows_mask = base_mask[rows_b] * (torch.arange(embeds.shape[1], device=embeds.device) <= rows_t[:, None])
-    rows_mask = rows_mask.repeat(2, 1)  # [2n, P-1]: both samples
-    _, cache, _ = model.backbone(
-        embeds[rows_b].repeat(2, 1, 1), rows_mask, positions[rows_b].repeat(2, 1), use_cache=True
-    )
-    next_position = positions[rows_b, rows_t].repeat(2)[:, None] + 1  # [2n, 1]
+    embeds = model.embed_chunks(inputs, token_mask)  # [B, C, d]
+    chunk_mask = chunk_mask_of(token_mask, k) if token_mask is not None else inputs.new_ones(embeds.shape[:2])
+    positions = positions_of(chunk_mask)
+    _, cache, _ = model.backbone(embeds, chunk_mask, positions, use_cache=True)
+    batch_size, length = chunk_mask.shape
+    # Every position gets a row (those without a target are dropped at the end): [B, 2C, K], sample-major.
+    first = first_samples.new_zeros(2, batch_size, length, k, dtype=torch.long)
+    first[:, target_valid] = model.ae_model.decode_tokens(first_samples.unsqueeze(-2)).view(2, -1, k)
+    first = first.transpose(0, 1).reshape(batch_size, 2 * length, k)
+    row_t = torch.arange(length, device=inputs.device).repeat(2)  # [2C]: each row's position
+    mask_dtype = embeds.dtype
+    passes = []
+    for start in range(0, 2 * length, rows_per_pass):
+        t = row_t[start : start + rows_per_pass]  # [r]
+        chunks = [first[:, start : start + rows_per_pass]]  # [B, r, K] per step
+        visible = (torch.arange(length, device=t.device) <= t[:, None]) & chunk_mask[:, None, :].bool()  # [B, r, C]
+        own = torch.eye(len(t), dtype=torch.bool, device=t.device).expand(batch_size, -1, -1)
+        for step in range(1, num_steps):
+            visible = torch.cat([visible, own], dim=-1)
+            hidden, cache, _ = model.backbone(
+                model.embed_chunks(chunks[-1].flatten(1)),  # [B, r, d]
+                _additive_mask(visible, mask_dtype),
+                positions[:, t] + step,
+                cache,
+            )
+            latents = model.generative_head.sample(hidden)  # [B, r, l]
+            chunks.append(model.ae_model.decode_tokens(latents).view(batch_size, -1, k))
+        cache.crop(length - cache.get_seq_length())  # drop the roll-out chunks: back to the block's own cache
+        passes.append(torch.cat(chunks, dim=-1))  # [B, r, R*K]
+    tokens = torch.cat(passes, dim=1).view(batch_size, 2, length, -1).transpose(0, 1)  # [2, B, C, R*K]
+    return tokens[:, target_valid]
 
-    chunks = [model.ae_model.decode_tokens(first_samples.reshape(-1, 1, first_samples.shape[-1]))]  # [2n, K]
-    for step in range(num_steps - 1):
-        rows_mask = F.pad(rows_mask, (0, 1), value=1)
-        hidden, cache, _ = model.backbone(model.embed_chunks(chunks[-1]), rows_mask, next_position + step, cache)
-        chunks.append(model.ae_model.decode_tokens(model.generative_head.sample(hidden[:, -1]).unsqueeze(1)))
-    return torch.cat(chunks, dim=-1).reshape(2, -1, num_steps * k)
+
+def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean visibility [B, q, kv] -> additive 4D mask [B, 1, q, kv] (0 or the dtype's minimum): eager and SDPA
+    attention both read it."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
 
 
 def brierlm(brier: Sequence[float], clamp_product: bool = False) -> float:
@@ -374,11 +397,9 @@ def _rollout_collisions(
         own = torch.eye(r, dtype=torch.bool, device=device).expand(batch_size, r, r)
         for n in range(2, BRIER_MAX_N + 1):
             visible = torch.cat([visible, own], dim=-1)
-            mask = torch.zeros(visible.shape, dtype=mask_dtype, device=device)
-            mask = mask.masked_fill(~visible, torch.finfo(mask_dtype).min)[:, None]  # additive: eager and SDPA alike
             step = model(
                 input_ids=tokens,
-                attention_mask=mask,
+                attention_mask=_additive_mask(visible, mask_dtype),
                 # Rows that stopped may run past the block; clamped, as their draws are ignored.
                 position_ids=(t + n - 1).clamp(max=length - 1),
                 use_cache=True,

@@ -120,6 +120,42 @@ def test_brier_rollout_for_small_patches(patch_size):
     assert (brier >= -1).all() and (brier <= 1).all()
 
 
+@pytest.mark.parametrize("patch_size, rows_per_pass", [(1, 5), (2, 3), (2, 256), (3, 4)])
+def test_brier_rollout_equals_each_row_rolled_out_alone(patch_size, rows_per_pass):
+    """The K < 4 roll-out runs every row side by side on its block's cache under a 4D mask. With a head whose sample
+    is a function of its input, each row must give the chunks of that row rolled out alone from its own prefix:
+    a row that saw a later chunk, another block or its neighbours' chunks, or a wrong position, differs."""
+    from calm_transformers.evaluate_calm import _calm_rollout
+
+    model = tiny_model(patch_size=patch_size, initializer_range=0.5)  # large weights: sharp, position-aware attention
+    projection = torch.randn(model.config.hidden_size, model.config.latent_size)
+    model.generative_head.sample = lambda hidden, noise=None, generator=None: 3 * hidden @ projection
+    k, chunks = patch_size, 5
+    ids = torch.randint(3, 90, (2, chunks * k), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :k] = 0  # a left-padded block: its positions start after the padding
+    inputs, token_mask = ids[:, :-k], mask[:, :-k]
+    valid = torch.ones(2, chunks - 1, dtype=torch.bool)
+    valid[1, 0] = False
+    first_samples = torch.randn(2, int(valid.sum()), model.config.latent_size)
+    with torch.no_grad():
+        tokens = _calm_rollout(model, first_samples, inputs, token_mask, valid, rows_per_pass=rows_per_pass)
+        num_steps = -(-4 // k)
+        assert tokens.shape == (2, int(valid.sum()), num_steps * k)
+        rows = valid.nonzero().tolist()
+        for sample in range(2):
+            for row, (b, t) in enumerate(rows):
+                prefix, prefix_mask = inputs[b : b + 1, : (t + 1) * k], token_mask[b : b + 1, : (t + 1) * k]
+                chunk = model.ae_model.decode_tokens(first_samples[sample, row][None, None])  # [1, K]
+                alone = [chunk]
+                for _ in range(num_steps - 1):
+                    ids_so_far = torch.cat([prefix, *alone], dim=1)
+                    mask_so_far = torch.cat([prefix_mask, torch.ones_like(torch.cat(alone, dim=1))], dim=1)
+                    hidden = model(ids_so_far, attention_mask=mask_so_far).last_hidden_state[:, -1:]
+                    alone.append(model.ae_model.decode_tokens(model.generative_head.sample(hidden)))
+                assert torch.equal(tokens[sample, row], torch.cat(alone, dim=1)[0]), (sample, b, t)
+
+
 def test_brier_rollout_is_perfect_for_a_deterministic_copy_model():
     """A model whose every sample is the target gets Brier = 1 on every n-gram, also through the K < 4 roll-out."""
     model = tiny_model(patch_size=2)
