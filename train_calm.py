@@ -592,13 +592,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
-        if eval_docs:
-            model.eval()
-            results["eval"] = stage_metrics(args.stage, model, eval_blocks, args.eval_batch_size, args.seed)
+        # Saved before the final evaluation, so that a run whose evaluation fails keeps its model.
         model.save_pretrained(output_dir)  # not trainer.save_model, which also pickles the training arguments
         if args.no_remote_code:
             strip_remote_code(output_dir)
         save_tokenizer(tokenizer, output_dir)
+        if eval_docs:
+            model.eval()
+            results["eval"] = stage_metrics(args.stage, model, eval_blocks, args.eval_batch_size, args.seed)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
