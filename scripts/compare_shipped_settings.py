@@ -8,8 +8,8 @@ share of real words in its samples (docs/training.md).
     python scripts/compare_shipped_settings.py --work /tmp/settings --table      # every finished run, as Markdown
 
 Tokenizers (`tokenizer_v{V}`) and autoencoders (`autoencoder_k{K}_v{V}`) are trained once per work folder with the
-shipped recipe (scripts/train_calm_tiny_shakespeare.sh). The LM: the shipped shape and optimiser, `--steps` steps with a tenth warming up, one thread. Each run writes
-`lm_{name}/summary.json`: steps, training time, context learned, Brier-1..4 and real words at T = 0.5 and 1
+shipped recipe (scripts/train_calm_tiny_shakespeare.sh). The LM: the shipped shape and optimiser, `--steps` steps
+with a tenth warming up, one thread. Each run writes `lm_{name}/summary.json`: steps, training time, context learned, Brier-1..4 and real words at T = 0.5 and 1
 (scripts/sample_report.py). `--evaluate` measures the same of a saved LM or a Trainer checkpoint of one (e.g. a long
 run's, for its figures at several budgets), with its training time read as a share of the run's.
 """
@@ -132,7 +132,8 @@ def table(work: Path) -> str:
         briers = " | ".join(f"{s[key]:.2g}" for key in BRIER)
         rows.append(
             f"| {s['name']} | {s['patch_size']} | {s['head']} | {s['vocab_size']} | {s['steps']} "
-            f"| {s['train_flops']:.1e} | {s['train_seconds'] / 60:.0f} min | {100 * s['context_learned']:.1f}% | {briers} "
+            f"| {s['train_flops']:.1e} | {s['train_seconds'] / 60:.0f} min | {100 * s['context_learned']:.1f}% "
+            f"| {briers} "
             f"| {100 * s['real_words_t0.5']:.1f}% | {100 * s['real_words_t1.0']:.1f}% |"
         )
     return "\n".join(rows)
