@@ -9,9 +9,10 @@ share of real words in its samples (docs/training.md).
 
 Tokenizers (`tokenizer_v{V}`) and autoencoders (`autoencoder_k{K}_v{V}`) are trained once per work folder with the
 shipped recipe (scripts/train_calm_tiny_shakespeare.sh). The LM: the shipped shape and optimiser, `--steps` steps
-with a tenth warming up, one thread. Each run writes `lm_{name}/summary.json`: steps, training time, context learned, Brier-1..4 and real words at T = 0.5 and 1
-(scripts/sample_report.py). `--evaluate` measures the same of a saved LM or a Trainer checkpoint of one (e.g. a long
-run's, for its figures at several budgets), with its training time read as a share of the run's.
+with a tenth warming up, one thread. Each run writes `lm_{name}/summary.json`: steps, training time, context
+learned, Brier-1..4 and real words at T = 0.5 and 1 (scripts/sample_report.py). `--evaluate` measures the same of a
+saved LM or a Trainer checkpoint of one (e.g. a long run's, for its figures at several budgets), with its training
+time read as a share of the run's.
 """
 
 from __future__ import annotations
