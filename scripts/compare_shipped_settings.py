@@ -27,23 +27,16 @@ from calm_transformers.evaluate_calm import load_documents, pack_documents
 from calm_transformers.modeling_calm import CALMForCausalLM
 from calm_transformers.train_calm import main as calm_train
 from calm_transformers.train_calm import stage_metrics
-from sample_report import report  # the script beside this one
+from compare_heads import BRIER, SHAKESPEARE, SHAKESPEARE_LM  # the scripts beside this one
+from sample_report import report
 from transformers import AutoTokenizer
 
-REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO.parent / "shared" / "data" / "shakespeare_works.json"
 COMMON = ["--data", str(SHAKESPEARE), "--num-eval-docs", "2", "--no-progress", "--seed", "0"]
 AUTOENCODER = [  # as scripts/train_calm_tiny_shakespeare.sh
     *("--set", "hidden_size=128", "--set", "intermediate_size=256", "--set", "latent_size=64"),
     *("--set", "kl_weight=0.01", "--batch-size", "4", "--max-steps", "3000", "--lr", "3e-3"),
     *("--lr-scheduler", "cosine", "--warmup-steps", "100", "--logging-steps", "500"),
 ]
-LM = [  # the shipped LM's shape and optimiser
-    *("--set", "hidden_size=256", "--set", "intermediate_size=688", "--set", "num_hidden_layers=4"),
-    *("--set", "num_attention_heads=4", "--set", "num_key_value_heads=4", "--set", "max_position_embeddings=512"),
-    *("--batch-size", "8", "--lr", "1e-3", "--logging-steps", "50"),
-]
-BRIER = tuple(f"brier{n}" for n in range(1, 5))
 
 
 def autoencoder_for(work: Path, patch_size: int, vocab_size: int) -> Path:
@@ -62,7 +55,8 @@ def autoencoder_for(work: Path, patch_size: int, vocab_size: int) -> Path:
 def run(args: argparse.Namespace) -> dict:
     autoencoder = autoencoder_for(args.work, args.patch_size, args.vocab_size)
     folder = args.work / f"lm_{args.name}"
-    options = [*COMMON, "--stage", "lm", "--autoencoder", str(autoencoder), "--output-dir", str(folder), *LM]
+    options = [*COMMON, "--stage", "lm", "--autoencoder", str(autoencoder), "--output-dir", str(folder)]
+    options += SHAKESPEARE_LM  # the shipped LM's shape and optimiser
     options += ["--max-steps", str(args.steps), "--warmup-steps", str(args.steps // 10)]
     calm_train([*options, *(item for pair in args.set for item in ("--set", pair))])
     return summarise(folder, args.name, *final_evaluation(folder))
